@@ -1,0 +1,1 @@
+"""parley: the asyncio application (conversation core, service, control socket)."""

@@ -1,0 +1,1 @@
+"""parley hardware layer: button, LED, ALSA audio and the C resampler."""
