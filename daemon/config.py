@@ -368,6 +368,13 @@ def load_config(path: Path) -> Config:
     return parse_config(data, str(path))
 
 
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    return factory()
+
+
 def config_reference() -> str:
     """A plain-text list of every key, its default and doc (for `parley check-config --keys`)."""
     lines: list[str] = []
@@ -380,7 +387,7 @@ def config_reference() -> str:
             if dataclasses.is_dataclass(tp):
                 walk(tp, name + ".")  # type: ignore[arg-type]
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = _field_default(f)
             rng = ""
             if "min" in f.metadata or "max" in f.metadata:
                 rng = f" [{f.metadata.get('min')}..{f.metadata.get('max')}]"
