@@ -75,7 +75,11 @@ GA_TURN = [
     "response.done",
 ]
 
-FAST = {"realtime_factor": 0.0, "transcription_delay_s": 0.0}
+def _script(**options: Any) -> Script:
+    """A Script with unpaced audio and immediate transcription unless told otherwise."""
+    options.setdefault("realtime_factor", 0.0)
+    options.setdefault("transcription_delay_s", 0.0)
+    return Script(**options)
 
 
 def _without_deltas(events: list[dict[str, Any]], *also: str) -> list[str]:
@@ -176,7 +180,7 @@ def test_checker_server_events_and_missing_openai(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.asyncio
 async def test_full_ga_turn() -> None:
-    script = Script(user_transcripts=["what is the weather like"], **FAST)
+    script = _script(user_transcripts=["what is the weather like"])
     async with LocalRealtimeServer(script, api_key=KEY) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             created = await c.recv()
@@ -242,7 +246,7 @@ async def test_full_ga_turn() -> None:
 
 @pytest.mark.asyncio
 async def test_too_short_commit_and_clear() -> None:
-    async with LocalRealtimeServer(Script(**FAST)) as srv:
+    async with LocalRealtimeServer(_script()) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             await c.recv()
             await c.append_audio(pcm(50))
@@ -264,7 +268,7 @@ async def test_too_short_commit_and_clear() -> None:
 
 @pytest.mark.asyncio
 async def test_second_response_create_while_active() -> None:
-    async with LocalRealtimeServer(Script(**FAST)) as srv:
+    async with LocalRealtimeServer(_script()) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             await c.recv()
             await _user_turn(c)
@@ -338,7 +342,7 @@ async def test_cancel_and_truncate() -> None:
 
 @pytest.mark.asyncio
 async def test_function_call_round_trip() -> None:
-    script = Script(function_calls={0: [("get_time", {"timezone": "UTC"})]}, **FAST)
+    script = _script(function_calls={0: [("get_time", {"timezone": "UTC"})]})
     async with LocalRealtimeServer(script) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             await c.recv()
@@ -378,8 +382,7 @@ async def test_function_call_round_trip() -> None:
 
 @pytest.mark.asyncio
 async def test_function_call_needs_the_tool_in_the_session() -> None:
-    script = Script(trigger_words={"time": ("get_time", {})}, user_transcripts=["what time"],
-                    **FAST)
+    script = _script(trigger_words={"time": ("get_time", {})}, user_transcripts=["what time"])
     async with LocalRealtimeServer(script) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             await c.recv()
@@ -392,7 +395,7 @@ async def test_function_call_needs_the_tool_in_the_session() -> None:
 
 @pytest.mark.asyncio
 async def test_items_reseeded_in_order_delete_retrieve() -> None:
-    async with LocalRealtimeServer(Script(**FAST)) as srv:
+    async with LocalRealtimeServer(_script()) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             await c.recv()
             for role, kind, text in [("user", "input_text", "first"),
@@ -438,7 +441,7 @@ async def test_items_reseeded_in_order_delete_retrieve() -> None:
 
 @pytest.mark.asyncio
 async def test_session_expired_then_1001() -> None:
-    script = Script(expire_after_s={0: 0.2}, session_minutes=30, **FAST)
+    script = _script(expire_after_s={0: 0.2}, session_minutes=30)
     async with LocalRealtimeServer(script) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             created = await c.recv()
@@ -466,7 +469,7 @@ async def test_session_expired_then_1001() -> None:
 
 @pytest.mark.asyncio
 async def test_drop_mid_response() -> None:
-    script = Script(faults=[Fault("drop", after_deltas=3, turn=0)], **FAST)
+    script = _script(faults=[Fault("drop", after_deltas=3, turn=0)])
     async with LocalRealtimeServer(script) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             await c.recv()
@@ -492,13 +495,12 @@ async def test_drop_mid_response() -> None:
 
 @pytest.mark.asyncio
 async def test_refusals_injected_errors_and_stall() -> None:
-    script = Script(
+    script = _script(
         refuse_first=2,
         errors=[InjectError("insufficient_quota", "You exceeded your current quota.",
                             on="connect", connection=0, close_code=1008,
                             error_type="insufficient_quota")],
         faults=[Fault("stall", at="connect", connection=1)],
-        **FAST,
     )
     async with LocalRealtimeServer(script) as srv:
         for _ in range(2):
@@ -528,7 +530,7 @@ async def test_refusals_injected_errors_and_stall() -> None:
 
 @pytest.mark.asyncio
 async def test_beta_dialect_turn() -> None:
-    script = Script(user_transcripts=["hello there"], **FAST)
+    script = _script(user_transcripts=["hello there"])
     async with LocalRealtimeServer(script, api_key=KEY) as srv:
         async with await RealtimeTestClient.connect(srv.url, beta=True) as c:
             created = await c.recv()
@@ -560,7 +562,7 @@ async def test_beta_dialect_turn() -> None:
 
 @pytest.mark.asyncio
 async def test_beta_rejected_when_ga_only() -> None:
-    async with LocalRealtimeServer(Script(**FAST), reject_beta=True) as srv:
+    async with LocalRealtimeServer(_script(), reject_beta=True) as srv:
         async with await RealtimeTestClient.connect(srv.url, beta=True) as c:
             events = await c.recv_until_closed()
             assert events[0]["error"]["code"] == "beta_api_shape_disabled"
@@ -569,7 +571,7 @@ async def test_beta_rejected_when_ga_only() -> None:
 
 @pytest.mark.asyncio
 async def test_azure_path_and_api_key_header() -> None:
-    async with LocalRealtimeServer(Script(**FAST), api_key=KEY) as srv:
+    async with LocalRealtimeServer(_script(), api_key=KEY) as srv:
         url = srv.azure_url("my-realtime-deployment")
         assert "/openai/v1/realtime?model=my-realtime-deployment" in url
         async with await RealtimeTestClient.connect(url, azure_api_key=True) as c:
@@ -594,7 +596,7 @@ async def test_azure_path_and_api_key_header() -> None:
 
 @pytest.mark.asyncio
 async def test_invalid_events_land_in_violations() -> None:
-    async with LocalRealtimeServer(Script(**FAST)) as srv:
+    async with LocalRealtimeServer(_script()) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             await c.recv()
             await c.send({"type": "conversation.item.create", "item": {
@@ -624,7 +626,7 @@ async def test_invalid_events_land_in_violations() -> None:
 @pytest.mark.asyncio
 async def test_wrong_api_key() -> None:
     secret = "sk-wrong-key-1234567890abcd"
-    async with LocalRealtimeServer(Script(**FAST), api_key=KEY) as srv:
+    async with LocalRealtimeServer(_script(), api_key=KEY) as srv:
         async with await RealtimeTestClient.connect(srv.url, api_key=secret) as c:
             events = await c.recv_until_closed()
             assert [e["error"]["code"] for e in events] == ["invalid_api_key"]
@@ -640,7 +642,7 @@ async def test_wrong_api_key() -> None:
 
 @pytest.mark.asyncio
 async def test_wait_helpers_and_echo_mode() -> None:
-    script = Script(echo_user_audio=True, **FAST)
+    script = _script(echo_user_audio=True)
     async with LocalRealtimeServer(script) as srv:
         async with await RealtimeTestClient.connect(srv.url) as c:
             await c.recv()
@@ -661,7 +663,7 @@ async def test_wait_helpers_and_echo_mode() -> None:
 
 def test_session_update_merges_deeply() -> None:
     async def run() -> None:
-        async with LocalRealtimeServer(Script(**FAST)) as srv:
+        async with LocalRealtimeServer(_script()) as srv:
             async with await RealtimeTestClient.connect(srv.url) as c:
                 await c.recv()
                 await c.send(GA_SESSION_UPDATE)
