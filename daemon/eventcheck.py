@@ -183,6 +183,11 @@ def _semantic_problems(event: Mapping[str, Any], dialect: Dialect) -> list[str]:
     return problems
 
 
+@functools.cache
+def _warn_unavailable_once() -> None:
+    logger.warning("openai package not installed: Realtime events are not validated")
+
+
 class EventChecker:
     """Validate events of one dialect against the official types.
 
@@ -199,7 +204,7 @@ class EventChecker:
                 raise EventCheckUnavailable(
                     "strict event checking needs the 'openai' package (pip install -e '.[test]')"
                 )
-            logger.warning("openai package not installed: Realtime events are not validated")
+            _warn_unavailable_once()
 
     def check(self, event: Any, direction: Direction = "client") -> list[str]:
         """Return the problems found in ``event`` (an empty list when it is valid)."""

@@ -241,6 +241,7 @@ async def test_full_ga_turn() -> None:
         assert srv.received[0][0]["type"] == "session.update"
         assert "session.updated" in srv.types(direction="server")
         assert "response.output_audio.delta x" in srv.transcript()
+        assert srv.warnings == []  # turn detection was switched off
         srv.assert_clean()
 
 
@@ -283,6 +284,8 @@ async def test_second_response_create_while_active() -> None:
             await c.send({"type": "response.create"})
             events = await c.recv_until("response.done")
             assert not [e for e in events if e["type"] == "error"]
+        # No session.update switched server VAD off: valid, but suspicious for push-to-talk.
+        assert any("turn detection is on" in w for w in srv.warnings)
         srv.assert_clean()
 
 
@@ -522,6 +525,32 @@ async def test_refusals_injected_errors_and_stall() -> None:
                     await pong
             c.ws.transport.abort()
         assert srv.connections[1].stalled
+        srv.assert_clean()
+
+
+@pytest.mark.asyncio
+async def test_runtime_expire_and_close_fault() -> None:
+    script = _script(realtime_factor=1.0, faults=[Fault("close", after_deltas=2, turn=1,
+                                                        close_code=1011)])
+    async with LocalRealtimeServer(script) as srv:
+        async with await RealtimeTestClient.connect(srv.url) as c:
+            await c.recv()
+            await _user_turn(c)
+            await c.send({"type": "response.create"})
+            await c.recv_until("response.output_audio.delta")
+            await srv.connections[0].expire()  # tests can end a session at any moment
+            events = await c.recv_until_closed()
+            assert [e["error"]["code"] for e in events if e["type"] == "error"] == [
+                "session_expired"]
+            assert "response.done" not in [e["type"] for e in events]
+            assert c.ws.close_code == 1001
+        async with await RealtimeTestClient.connect(srv.url) as c:
+            await c.recv()
+            await _user_turn(c)
+            await c.send({"type": "response.create"})
+            events = await c.recv_until_closed()
+            assert sum(e["type"] == "response.output_audio.delta" for e in events) == 2
+            assert c.ws.close_code == 1011
         srv.assert_clean()
 
 

@@ -508,7 +508,22 @@ class RealtimeConnection:
             await self.send({"type": "conversation.item.created",
                              "previous_item_id": previous_item_id, "item": item})
 
+    def _vad_on(self) -> bool:
+        if self.dialect == "ga":
+            audio = self.session.get("audio") or {}
+            return (audio.get("input") or {}).get("turn_detection") is not None
+        return self.session.get("turn_detection") is not None
+
+    def _warn(self, message: str) -> None:
+        text = f"connection {self.index}: {message}"
+        if text not in self.server.warnings:
+            logger.warning("%s", text)
+            self.server.warnings.append(text)
+
     async def _on_commit(self, event: dict[str, Any]) -> None:
+        if self._vad_on():
+            self._warn("input_audio_buffer.commit while server turn detection is on (the real "
+                       "API would also commit and answer by itself)")
         ms = len(self.input_buffer) / synth.BYTES_PER_SAMPLE / synth.SAMPLE_RATE * 1000
         if ms < MIN_COMMIT_MS:
             raise ApiError(
@@ -682,6 +697,9 @@ class RealtimeConnection:
     # --- responses ---------------------------------------------------------------------
 
     async def _on_response_create(self, event: dict[str, Any]) -> None:
+        if self._vad_on():
+            self._warn("response.create while server turn detection is on (the real API "
+                       "would also answer by itself)")
         if self.response is not None:
             raise ApiError(
                 "conversation_already_has_active_response",
@@ -1048,6 +1066,8 @@ class LocalRealtimeServer:
         self.violations: list[Violation] = []
         self.turns: list[TurnRecord] = []
         self.internal_errors: list[str] = []
+        #: Valid but suspicious client behaviour (e.g. push-to-talk with server VAD still on).
+        self.warnings: list[str] = []
         self.connection_attempts = 0
         self.refused = 0
         self._audio_turns = 0
