@@ -14,9 +14,8 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter
-
 import pytest
+from pydantic import BaseModel, TypeAdapter
 
 from daemon.config import ApiConfig, HistoryConfig, ReconnectConfig, SessionConfig
 from daemon.engine import (
@@ -111,7 +110,8 @@ class FakeServer:
                 "tool_choice": "auto",
                 "expires_at": expires_at,
                 "audio": {
-                    "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None},
+                    "input": {"format": {"type": "audio/pcm", "rate": 24000},
+                              "turn_detection": None},
                     "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "marin"},
                 },
             },
@@ -375,7 +375,8 @@ class Harness:
             self.ev(conn, self.srv.audio_delta(rid, item_id, pcm(per)))
         self.ev(conn, self.srv.transcript_done(rid, item_id, text))
         if done:
-            self.ev(conn, self.srv.response_done(rid, output=[self.srv.message_output(item_id, text)]))
+            output = [self.srv.message_output(item_id, text)]
+            self.ev(conn, self.srv.response_done(rid, output=output))
         return rid, item_id
 
     def full_turn(self, conn: int, user_text: str, reply_text: str, ms: int = 500,
@@ -425,7 +426,7 @@ def seeded_texts(events: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-def E(role: Any, text: str, **kw: Any) -> HistoryEntry:  # noqa: N802 - short test factory
+def E(role: Any, text: str, **kw: Any) -> HistoryEntry:
     return HistoryEntry(role=role, text=text, created_at=1.0, **kw)
 
 
@@ -1285,7 +1286,7 @@ def test_stale_events_from_closed_connection_are_ignored() -> None:
 def test_missing_playback_stopped_answer_times_out() -> None:
     h = ready(timings=Timings(stop_answer_timeout_s=1))
     h.talk()
-    _rid, item = h.reply(1, "Some reply words.", 4800, user_item="u1")
+    _rid, _item = h.reply(1, "Some reply words.", 4800, user_item="u1")
     m = h.mark()
     h.press()
     h.audio(200)
