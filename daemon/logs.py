@@ -16,7 +16,6 @@ or a field.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
 
 from daemon.errors import ConfigError
+from daemon.secrets import SecretFilter
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -54,8 +54,6 @@ _RESERVED = frozenset(
         "CODE_FUNC",
     }
 )
-_MIN_SECRET_LEN = 4
-REDACTED = "[REDACTED]"
 
 JournalSender = Callable[..., None]
 
@@ -88,50 +86,6 @@ def _render(value: object) -> str:
     if not text or any(c.isspace() or c in '"=\\' for c in text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return text
-
-
-class _Redactor:
-    """Replaces each secret in a string; secrets shorter than 4 characters are ignored."""
-
-    def __init__(self, secrets: Sequence[str]) -> None:
-        kept = sorted({s for s in secrets if len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(s) for s in kept)) if kept else None
-
-    def __call__(self, text: str) -> str:
-        return self._pattern.sub(REDACTED, text) if self._pattern else text
-
-
-class _FallbackSecretFilter(logging.Filter):
-    """Used only if ``daemon.secrets`` is missing: redacts message, args, exception, fields."""
-
-    def __init__(self, secrets: Sequence[str]) -> None:
-        super().__init__()
-        self._redact = _Redactor(secrets)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self._redact(record.getMessage())
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self._redact(record.exc_text)
-        if record.stack_info:
-            record.stack_info = self._redact(record.stack_info)
-        for key, value in record_fields(record).items():
-            setattr(record, key, self._redact(str(value)))
-        return True
-
-
-def _secret_filter(secrets: Sequence[str]) -> logging.Filter:
-    # Imported by name so this module type-checks and runs whether or not it exists yet.
-    try:
-        module = importlib.import_module("daemon.secrets")
-    except ModuleNotFoundError as exc:
-        if exc.name != "daemon.secrets":
-            raise
-        return _FallbackSecretFilter(secrets)
-    flt: logging.Filter = module.SecretFilter(secrets)
-    return flt
 
 
 class _QuietFilter(logging.Filter):
@@ -255,6 +209,14 @@ def _journal_sender() -> JournalSender | None:
 
 
 _OURS = "_parley_handler"
+# The secret filter of the current handler, for add_secret().
+_active: list[SecretFilter] = []
+
+
+def add_secret(secret: str) -> None:
+    """Redact ``secret`` from now on (the API key is usually loaded after logging starts)."""
+    for flt in _active:
+        flt.add(secret)
 
 
 def setup_logging(
@@ -278,7 +240,10 @@ def setup_logging(
         ) from None
     env = os.environ if environ is None else environ
     out = sys.stderr if stream is None else stream
-    redact = _Redactor(secrets)
+    # One filter per handler: it rewrites each record (message, args, exception, fields),
+    # and its redact() is applied once more to the final text the handler emits.
+    secret_filter = SecretFilter(secrets)
+    redact = secret_filter.redact
 
     handler: logging.Handler
     journald = under_journald(env, out)
@@ -291,8 +256,9 @@ def setup_logging(
             TextFormatter(timestamps=not journald, syslog_prefix=journald, redact=redact)
         )
     setattr(handler, _OURS, True)
-    handler.addFilter(_secret_filter(secrets))
+    handler.addFilter(secret_filter)
     handler.addFilter(_QuietFilter())
+    _active[:] = [secret_filter]
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _OURS, False)]:

@@ -54,8 +54,8 @@ class Notifier:
 
     ``socket_path`` defaults to ``$NOTIFY_SOCKET`` read at construction. ``use_libsystemd``:
     None picks libsystemd when importable; libsystemd reads ``$NOTIFY_SOCKET`` itself, so
-    an explicit ``socket_path`` always uses the built-in sender. Every method returns True
-    when the message was handed to the socket, False when there is no socket or it failed.
+    an explicit ``socket_path`` always uses the built-in sender. The message methods return
+    None (they never fail loudly); :meth:`notify` returns whether the datagram was sent.
     """
 
     def __init__(
@@ -94,45 +94,45 @@ class Notifier:
 
     # --- the messages --------------------------------------------------------------------
 
-    def ready(self) -> bool:
+    def ready(self) -> None:
         """Start-up (or a reload) is complete."""
-        return self.notify("READY=1")
+        self.notify("READY=1")
 
-    def status(self, text: str) -> bool:
+    def status(self, text: str) -> None:
         """One line for ``systemctl status``; newlines become spaces (no field injection)."""
-        return self.notify("STATUS=" + " ".join(text.splitlines()))
+        self.notify("STATUS=" + " ".join(text.splitlines()))
 
-    def watchdog(self) -> bool:
+    def watchdog(self) -> None:
         """Keep-alive ping for ``WatchdogSec=``."""
-        return self.notify("WATCHDOG=1")
+        self.notify("WATCHDOG=1")
 
-    def watchdog_trigger(self) -> bool:
+    def watchdog_trigger(self) -> None:
         """Ask systemd to act as if the watchdog timed out (we know we are stuck)."""
-        return self.notify("WATCHDOG=trigger")
+        self.notify("WATCHDOG=trigger")
 
-    def reloading(self) -> bool:
+    def reloading(self) -> None:
         """A reload began; send :meth:`ready` when it is done.
 
         systemd (since 253) wants ``MONOTONIC_USEC`` (CLOCK_MONOTONIC) with ``RELOADING=1``
         to tell this reload from an earlier one; 252 ignores the extra field.
         """
-        return self.notify("RELOADING=1", f"MONOTONIC_USEC={self._monotonic_usec()}")
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={self._monotonic_usec()}")
 
-    def stopping(self) -> bool:
+    def stopping(self) -> None:
         """Shutdown began."""
-        return self.notify("STOPPING=1")
+        self.notify("STOPPING=1")
 
-    def extend_timeout(self, usec: int) -> bool:
+    def extend_timeout(self, usec: int) -> None:
         """Ask for ``usec`` more microseconds for the current start, stop or reload."""
         if isinstance(usec, bool) or not isinstance(usec, int) or usec < 0:
             raise ValueError(f"extend_timeout needs a non-negative integer, got {usec!r}")
-        return self.notify(f"EXTEND_TIMEOUT_USEC={usec}")
+        self.notify(f"EXTEND_TIMEOUT_USEC={usec}")
 
-    def errno(self, code: int) -> bool:
+    def errno(self, code: int) -> None:
         """Report a failure as an errno(3) value (shown by ``systemctl status``)."""
         if isinstance(code, bool) or not isinstance(code, int) or code < 0:
             raise ValueError(f"errno needs a non-negative integer, got {code!r}")
-        return self.notify(f"ERRNO={code}")
+        self.notify(f"ERRNO={code}")
 
     # --- transport -----------------------------------------------------------------------
 
@@ -212,7 +212,7 @@ def watchdog_interval(
 
 
 class _Pinger(Protocol):
-    def watchdog(self) -> bool: ...
+    def watchdog(self) -> None: ...
 
 
 Probe = Callable[[], bool]

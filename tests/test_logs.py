@@ -217,7 +217,7 @@ def test_secrets_redacted_everywhere(tmp_path: Path, journald: bool) -> None:
     stream.flush()
     text = (tmp_path / "stderr").read_text() + repr(journal.entries)
     assert SECRET not in text
-    assert text.count(logs.REDACTED) >= 4
+    assert text.count("[REDACTED]") >= 4
     # short or empty "secrets" are ignored rather than redacting every "ab" in the log
     log.info("about abc")
     stream.flush()
@@ -226,12 +226,29 @@ def test_secrets_redacted_everywhere(tmp_path: Path, journald: bool) -> None:
 
 
 def test_secret_filter_is_installed_on_the_handler() -> None:
+    from daemon.secrets import SecretFilter
+
     setup_logging("info", secrets=[SECRET], environ={}, stream=io.StringIO())
     (handler,) = ours()
+    assert any(isinstance(f, SecretFilter) for f in handler.filters)
+
+
+@pytest.mark.parametrize("journald", [False, True])
+def test_secret_added_after_setup_is_redacted(tmp_path: Path, journald: bool) -> None:
+    stream, env = journal_stream(tmp_path)
+    journal = Journal()
+    if not journald:
+        env = {}
+    setup_logging("info", environ=env, stream=stream, journal_sender=journal)
+    log = logging.getLogger("parley.api")
+    log.info("before %s", "correct-horse-battery-staple")
+    logs.add_secret("correct-horse-battery-staple")
+    log.info("after %s", "correct-horse-battery-staple")
     try:
-        from daemon.secrets import SecretFilter  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError:
-        expected: type = logs._FallbackSecretFilter
-    else:
-        expected = SecretFilter
-    assert any(isinstance(f, expected) for f in handler.filters)
+        raise RuntimeError("correct-horse-battery-staple rejected")
+    except RuntimeError:
+        log.exception("refused")
+    stream.flush()
+    text = (tmp_path / "stderr").read_text() + repr(journal.entries)
+    assert text.count("correct-horse-battery-staple") == 1  # only the line logged before add_secret
+    assert "after [REDACTED]" in text

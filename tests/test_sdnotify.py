@@ -57,13 +57,14 @@ def test_messages_arrive_in_order(
     monkeypatch.setenv("NOTIFY_SOCKET", receiver.name)
     n = Notifier(use_libsystemd=(backend == "libsystemd"), monotonic_usec=lambda: 123456789)
     assert n.enabled
-    assert n.ready()
-    assert n.status("listening\nREADY=1")  # a newline must not smuggle in another field
-    assert n.watchdog()
-    assert n.reloading()
-    assert n.extend_timeout(5_000_000)
-    assert n.errno(5)
-    assert n.stopping()
+    n.ready()
+    n.status("listening\nREADY=1")  # a newline must not smuggle in another field
+    n.watchdog()
+    n.reloading()
+    n.extend_timeout(5_000_000)
+    n.errno(5)
+    n.stopping()
+    assert n.notify("STATUS=raw") is True
     assert receiver.messages() == [
         "READY=1",
         "STATUS=listening READY=1",
@@ -72,6 +73,7 @@ def test_messages_arrive_in_order(
         "EXTEND_TIMEOUT_USEC=5000000",
         "ERRNO=5",
         "STOPPING=1",
+        "STATUS=raw",
     ]
     n.close()
 
@@ -96,7 +98,7 @@ def test_default_reloading_clock_is_monotonic_usec(
 def test_explicit_socket_path(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     n = Notifier(receiver.name)
-    assert n.ready()
+    n.ready()
     assert receiver.messages() == ["READY=1"]
     with pytest.raises(ValueError):
         Notifier(receiver.name, use_libsystemd=True)
@@ -106,8 +108,9 @@ def test_unset_socket_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     n = Notifier()
     assert not n.enabled
-    assert n.ready() is False
-    assert n.watchdog() is False
+    n.ready()
+    n.watchdog()
+    assert n.notify("READY=1") is False
 
 
 @pytest.mark.parametrize("backend", ["raw", "libsystemd"])
@@ -122,9 +125,10 @@ def test_missing_socket_never_raises_and_warns_once(
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
     n = Notifier(use_libsystemd=(backend == "libsystemd"))
     with caplog.at_level(logging.DEBUG, logger="daemon.sdnotify"):
-        assert n.ready() is False
-        assert n.watchdog() is False
-        assert n.status("x") is False
+        n.ready()
+        n.watchdog()
+        n.status("x")
+        assert n.notify("WATCHDOG=1") is False
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "gone.sock" in warnings[0].getMessage()
@@ -136,22 +140,24 @@ def test_refused_socket_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFi
     sock.bind(str(path))
     sock.close()  # the file stays, nobody listens: ECONNREFUSED
     n = Notifier(str(path))
-    assert n.watchdog() is False
-    assert n.watchdog() is False
+    n.watchdog()
+    assert n.notify("WATCHDOG=1") is False
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
 def test_recovers_after_the_socket_comes_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.sdnotify")
     path = tmp_path / "later.sock"
     n = Notifier(str(path))
-    assert n.watchdog() is False
+    assert n.notify("WATCHDOG=1") is False
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     try:
-        assert n.watchdog() is True
+        assert n.notify("WATCHDOG=1") is True
         assert sock.recv(100) == b"WATCHDOG=1"
+        assert any("works again" in r.getMessage() for r in caplog.records)
     finally:
         sock.close()
 
