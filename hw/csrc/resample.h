@@ -22,7 +22,8 @@
  * ---------------------------------------------------
  * Let Nl = min(in_rate, out_rate)/2 be the lower Nyquist frequency.
  *   passband  0 .. 0.9 Nl   flat within +/-0.1 dB (designed to ~ +/-0.01 dB)
- *   stopband  1.1 Nl ..     attenuated >= 90 dB (design target 95 dB)
+ *   stopband  1.1 Nl ..     attenuated >= 90 dB (design 96 dB: the alias of a full-scale
+ *                           tone stays below 0.5 LSB, so int16 rounding cannot lift it)
  *   cutoff    Nl (-6 dB)
  * Consequences, and exactly what the benchmark and the tests measure:
  *   - downsampling: an input tone above 1.1 Nl appears in the output (aliased) at least
@@ -107,6 +108,8 @@ unsigned rs_prototype(const rs_state *st, double *out);
 size_t rs_in_frame_bytes(const rs_state *st);
 size_t rs_out_frame_bytes(const rs_state *st);
 const rs_config *rs_config_of(const rs_state *st);
+/* "avx2", "neon" or "portable" (env PARLEY_RESAMPLE_KERNEL=portable forces the latter). */
+const char *rs_kernel_name(const rs_state *st);
 
 #ifdef __cplusplus
 }

@@ -303,7 +303,14 @@ static PyObject *get_out_frame_bytes(ResamplerObject *self, void *c) {
     return PyLong_FromSize_t(rs_out_frame_bytes(self->st));
 }
 
+static PyObject *get_kernel(ResamplerObject *self, void *c) {
+    (void)c;
+    ST_OR_ERR
+    return PyUnicode_FromString(rs_kernel_name(self->st));
+}
+
 static PyGetSetDef Resampler_getset[] = {
+    {"kernel", (getter)get_kernel, NULL, "inner loop in use: 'avx2', 'neon' or 'portable'", NULL},
     {"delay_frames", (getter)get_delay, NULL, "group delay in output frames (float)", NULL},
     {"in_rate", (getter)get_in_rate, NULL, "input sample rate (Hz)", NULL},
     {"out_rate", (getter)get_out_rate, NULL, "output sample rate (Hz)", NULL},
