@@ -187,6 +187,9 @@ class Timings:
     """A link open this long without becoming READY is closed and retried."""
     stop_answer_timeout_s: float = 2.0
     """No playback_stopped this long after StopPlayback: assume all received was heard."""
+    finish_answer_slack_s: float = 10.0
+    """No playback_finished this long after the item's audio should have played out:
+    assume it was heard (keeps history and rotation from waiting forever)."""
     response_start_timeout_s: float = 20.0
     """response.create without response.created this long: link considered broken."""
     response_stall_s: float = 45.0
@@ -274,6 +277,7 @@ class _Item:
     final_text: str | None = None
     text_complete: bool = False
     ended: bool = False
+    ended_at: float | None = None
     stop_requested: bool = False
     stop_at: float | None = None
     suppressed: bool = False
@@ -681,6 +685,9 @@ class Conversation:
             "response_active": self._resp is not None,
             "tools_running": len(self._calls),
             "rotation_count": self._rotation_count,
+            "last_rotation_at": (
+                self._wall(self._last_rotation_at) if self._last_rotation_at is not None else None
+            ),
             "last_rotation_ago_s": (
                 round(now - self._last_rotation_at, 1)
                 if self._last_rotation_at is not None else None
@@ -724,6 +731,7 @@ class Conversation:
     # ======================================================================================
 
     def _pump(self, now: float) -> None:
+        self._emit_history()  # first: _sync below must see every finished entry
         link = self._active
         if link is not None and self._fatal is None:
             if self._unsent:
@@ -888,6 +896,7 @@ class Conversation:
                     continue
                 if not item.ended and not item.stop_requested:
                     item.ended = True
+                    item.ended_at = now
                     self._emit(EndOfReply(item.item_id))
                 self._maybe_finalize(item)
             for slot in resp.call_slots.values():
@@ -1102,9 +1111,13 @@ class Conversation:
         link.awaiting_commit.append(turn)
         self._awaiting_answer.append(turn)
         turn.state = "committed"
-        if turn.user_slot is not None:
-            turn.user_slot.origin = link.conn_id
-            turn.user_slot.session_id = link.session_id
+        slot = turn.user_slot
+        if slot is not None:
+            slot.origin = link.conn_id
+            slot.session_id = link.session_id
+            if slot.text is None:
+                # Safety net should input_audio_buffer.committed never come.
+                slot.deadline = now + 2 * self._transcript_wait(turn)
 
     def _flush_unsent(self, link: _Link, now: float) -> None:
         turns, self._unsent = self._unsent, []
@@ -1127,7 +1140,11 @@ class Conversation:
             slot.text = UNTRANSCRIBED
             return
         self._user_items[turn.user_item_id] = turn
-        slot.deadline = now + self._t.transcript_timeout_s
+        slot.deadline = now + self._transcript_wait(turn)
+
+    def _transcript_wait(self, turn: _Turn) -> float:
+        """How long a transcript may take: the timeout plus 10 % of the audio length."""
+        return self._t.transcript_timeout_s + 0.1 * len(turn.audio) / (BYTES_PER_MS * 1000)
 
     def _on_transcript(self, link: _Link, ev: dict[str, Any], now: float) -> None:
         turn = self._user_items.pop(_str(ev.get("item_id")), None)
@@ -1368,6 +1385,7 @@ class Conversation:
             item.text_complete = True
             if item.received > 0 and not item.ended and not item.stop_requested:
                 item.ended = True
+                item.ended_at = now
                 self._emit(EndOfReply(item.item_id))
             if item.received == 0 and (item.suppressed or resp.cancelled):
                 # Interrupted before any audio: the user heard nothing of it.
@@ -1381,9 +1399,12 @@ class Conversation:
             slot.skip = True  # a function call that never completed
         if resp.calls or resp.items or status in ("completed", "incomplete"):
             self._mark_answered(resp)
-        for turn in resp.turns:
-            if turn in self._awaiting_answer:
-                self._awaiting_answer.remove(turn)
+        if resp.answered or status != "cancelled":
+            # A response cancelled before any output leaves its turns waiting: the next
+            # response answers them (and they are replayed if the link drops first).
+            for turn in resp.turns:
+                if turn in self._awaiting_answer:
+                    self._awaiting_answer.remove(turn)
         if status in ("failed", "incomplete"):
             details = _dict(body.get("status_details"))
             self._notice("warning", f"response {status}", response_id=rid, turn_id=turn_id,
@@ -1609,17 +1630,29 @@ class Conversation:
         self._drop_link(link, now, close=True)
 
     def _tick_playback(self, now: float) -> None:
+        for item in list(self._items.values()):
+            if item.done or item.ended_at is None:
+                continue
+            if now - item.ended_at > item.received / SAMPLE_RATE + self._t.finish_answer_slack_s:
+                self._notice("warning", "no playback_finished answer; assuming it was heard",
+                             item_id=item.item_id)
+                item.done = True
+                item.heard = item.received
+                self._maybe_finalize(item)
         for item_id in list(self._stopping):
-            item = self._items.get(item_id)
-            if item is None:
+            stopping = self._items.get(item_id)
+            if stopping is None:
                 self._stopping.discard(item_id)
                 continue
-            if item.stop_at is not None and now - item.stop_at > self._t.stop_answer_timeout_s:
+            if (
+                stopping.stop_at is not None
+                and now - stopping.stop_at > self._t.stop_answer_timeout_s
+            ):
                 self._stopping.discard(item_id)
                 self._notice("warning", "no playback_stopped answer; assuming all was heard",
                              item_id=item_id)
-                if not item.done:
-                    self._on_stopped(item, item.received)
+                if not stopping.done:
+                    self._on_stopped(stopping, stopping.received)
 
     def _tick_slots(self, now: float) -> None:
         for slot in self._outbox:

@@ -1310,3 +1310,78 @@ def test_no_event_ever_carries_the_api_key() -> None:
     h.full_turn(1, "q", "a")
     blob = repr(h.log)
     assert "Bearer" not in blob and "sk-" not in blob
+
+
+def test_tool_result_after_reconnect_is_synced_as_text_before_response_create() -> None:
+    h = ready()
+    h.talk()
+    rid = tool_response(h, 1)
+    h.ev(1, h.srv.response_done(rid))
+    h.ev(1, h.srv.transcript("u1", "time?"))
+    m = h.mark()
+    h.closed(1, 1006)
+    (c,) = h.connects(m)
+    h.open(c.conn_id)  # READY before the tool answers
+    assert seeded_texts(h.sent(c.conn_id))[-1] == ("system", "[tool get_time called with {}]")
+    m2 = h.mark()
+    h.tool_result("call_1", "12:00")
+    sent = h.sent(c.conn_id, m2)
+    assert [e["type"] for e in sent] == ["conversation.item.create", "response.create"]
+    assert seeded_texts(sent) == [("system", "[tool get_time returned: 12:00]")]
+
+
+def test_turn_whose_response_was_cancelled_before_output_is_still_replayed() -> None:
+    h = ready()
+    h.talk(400)  # turn 1
+    h.ev(1, h.srv.committed("u1"))
+    h.ev(1, h.srv.response_created("r1"))
+    h.press()  # turn 2 interrupts before any output
+    h.audio(300)
+    h.release()
+    h.ev(1, h.srv.response_done("r1", status="cancelled", reason="client_cancelled"))
+    h.ev(1, h.srv.committed("u2"))
+    m = h.mark()
+    h.closed(1, 1006)  # the answer to both never came
+    (c,) = h.connects(m)
+    h.open(c.conn_id)
+    sent = h.sent(c.conn_id, m)
+    assert appended_bytes(sent) == 700 * 48
+    assert [e["type"] for e in sent].count("input_audio_buffer.commit") == 2
+    assert [e["type"] for e in sent].count("response.create") == 1
+
+
+def test_missing_playback_finished_does_not_block_history_forever() -> None:
+    h = ready(timings=Timings(finish_answer_slack_s=2))
+    h.talk()
+    _rid, _item = h.reply(1, "Reply.", 4800, user_item="u1")  # 0.2 s of audio
+    h.ev(1, h.srv.transcript("u1", "q"))
+    h.advance(2.5)
+    assert [e.text for e in h.history()] == ["q", "Reply."]
+    assert indicators(h.log)[-1] == "idle"
+
+
+def test_commit_never_acknowledged_does_not_block_history_forever() -> None:
+    h = ready(timings=Timings(transcript_timeout_s=2))
+    h.talk(500)
+    _rid, item = h.reply(1, "Reply.", 4800)  # no input_audio_buffer.committed
+    h.finished(item, 4800)
+    assert h.history() == []
+    h.advance(5)
+    assert [e.text for e in h.history()] == ["[inaudible]", "Reply."]
+
+
+def test_text_modality_reply_is_recorded_at_response_done() -> None:
+    h = ready(session=fast_session(output_modality="text"))
+    h.talk()
+    h.ev(1, h.srv.committed("u1"))
+    h.ev(1, h.srv.transcript("u1", "hi"))
+    h.ev(1, h.srv.response_created("r1"))
+    h.ev(1, h.srv.message_added("r1", "i1"))
+    h.ev(1, h.srv.ev("response.output_text.delta", response_id="r1", item_id="i1",
+                     output_index=0, content_index=0, delta="Hel"))
+    h.ev(1, h.srv.ev("response.output_text.done", response_id="r1", item_id="i1",
+                     output_index=0, content_index=0, text="Hello!"))
+    m = h.mark()
+    h.ev(1, h.srv.response_done("r1"))
+    assert h.since(m, EndOfReply) == []
+    assert [e.text for e in h.history()] == ["hi", "Hello!"]
