@@ -412,6 +412,7 @@ class Conversation:
         self._last_rotation_at: float | None = None
         self._offline_since: float | None = now
         self._fatal: tuple[str, str] | None = None
+        self._shut = False
 
         self._turn_seq = 0
         self._capture: _Turn | None = None
@@ -437,6 +438,27 @@ class Conversation:
         out, self._out = self._out, []
         return out
 
+    def start(self, now: float) -> list[Action]:
+        """The start-up actions (first ``Connect``, indicator); same as take_actions."""
+        return self._finish(now)
+
+    def shutdown(self, now: float) -> list[Action]:
+        """Daemon stopping: cut any reply (StopPlayback/cancel), drop a capture, close every
+        connection and never reconnect. Inputs after this only record history."""
+        self._interrupt(now)
+        if self._capture is not None:
+            self._capture.state = "dropped"
+            self._capture = None
+        self._shut = True
+        for conn_id in list(self._links):
+            self._emit(Close(conn_id))
+        self._links.clear()
+        self._active = self._candidate = self._standby = None
+        self._resp = None
+        self._resp_queued = False
+        self._emit_history()
+        return self.take_actions()
+
     # ======================================================================================
     # inputs: button and microphone
     # ======================================================================================
@@ -447,8 +469,8 @@ class Conversation:
             self._emit(PlayTone("error"))
             self._notice("warning", "press ignored: the API refused us", code=self._fatal[0])
             return self._finish(now)
-        if self._capture is not None:
-            self._notice("debug", "press while already capturing ignored")
+        if self._capture is not None or self._shut:
+            self._notice("debug", "press ignored (already capturing or shutting down)")
             return self._finish(now)
         self._interrupt(now)
         if self._budget:
@@ -662,6 +684,7 @@ class Conversation:
         sb = self._standby
         return {
             "state": self._indicator,
+            "ready": a is not None,
             "connected": a is not None,
             "fatal": self._fatal[0] if self._fatal else None,
             "conn_id": a.conn_id if a else None,
@@ -827,7 +850,7 @@ class Conversation:
         self._replace_primary(now)
 
     def _replace_primary(self, now: float) -> None:
-        if self._fatal is not None:
+        if self._fatal is not None or self._shut:
             return
         standby = self._standby
         if standby is not None:
@@ -1030,6 +1053,7 @@ class Conversation:
         if (
             active is None
             or self._fatal is not None
+            or self._shut
             or self._standby is not None
             or self._candidate is not None
             or now < self._rotation_due(active)

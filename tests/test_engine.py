@@ -1385,3 +1385,21 @@ def test_text_modality_reply_is_recorded_at_response_done() -> None:
     h.ev(1, h.srv.response_done("r1"))
     assert h.since(m, EndOfReply) == []
     assert [e.text for e in h.history()] == ["hi", "Hello!"]
+
+
+def test_start_and_shutdown() -> None:
+    h = Harness()
+    assert h.conv.start(h.now) == []  # the constructor's actions were already taken
+    h.open(1)
+    assert h.conv.snapshot(h.now)["ready"] is True
+    h.talk()
+    _rid, item = h.reply(1, "Long reply words here.", 24000, user_item="u1", done=False)
+    m = h.mark()
+    acts = h.feed(h.conv.shutdown(h.now))
+    assert StopPlayback(item) in acts and Close(1) in acts
+    assert h.sent_types(1, m) == ["response.cancel"]
+    h.stopped(item, 2400)
+    h.closed(1, 1000)
+    h.advance(60)
+    assert h.connects(m) == []
+    assert tones(h.press()) == []
