@@ -119,7 +119,14 @@ relocate_venv() {
 
 install_files() {
     install -d -m 0755 "$DESTDIR$UNITDIR"
-    sed "s#/opt/parley/#$PREFIX/#g" "$here/parley.service" >"$unit.tmp"
+    local encrypted=()
+    if [ -e "$DESTDIR$CONFDIR/openai-api-key.cred" ]; then
+        # An encrypted credential exists: the unit loads that one instead of the plain file.
+        encrypted=(-e 's|^LoadCredential=openai-api-key:|#LoadCredential=openai-api-key:|'
+                   -e 's|^#LoadCredentialEncrypted=openai-api-key:|LoadCredentialEncrypted=openai-api-key:|')
+        say "using the encrypted credential $CONFDIR/openai-api-key.cred"
+    fi
+    sed -e "s#/opt/parley/#$PREFIX/#g" "${encrypted[@]}" "$here/parley.service" >"$unit.tmp"
     chmod 0644 "$unit.tmp"
     mv -f "$unit.tmp" "$unit"
     say "unit $UNITDIR/parley.service"
@@ -151,10 +158,8 @@ parley is installed. Next steps:
     or encrypted with this machine's credential key (protects copies of $CONFDIR; on a Pi
     without TPM it does not protect a stolen SD card):
       systemd-ask-password -n "OpenAI API key:" | sudo systemd-creds encrypt --name=openai-api-key - $CONFDIR/openai-api-key.cred
-    and then switch the unit to it:
-      sudo systemctl edit parley    # add:  [Service]
-                                    #       LoadCredential=
-                                    #       LoadCredentialEncrypted=openai-api-key:$CONFDIR/openai-api-key.cred
+    and run 'sudo make install' again: with $CONFDIR/openai-api-key.cred present it
+    installs the unit with LoadCredentialEncrypted= instead of LoadCredential=.
  2. Review $CONFDIR/config.yaml (audio devices, button pin), then check it:
       sudo -u $USER_NAME $PREFIX/venv/bin/parley check-config $CONFDIR/config.yaml
  3. Start it now and at every boot, and watch it:
@@ -194,8 +199,12 @@ do_uninstall() {
     if live && systemd_running; then
         systemctl disable --now parley.service 2>/dev/null || true
     fi
+    case "$PREFIX" in
+        /?*) ;;
+        *) die "refusing to remove PREFIX='$PREFIX' (must be an absolute path other than /)" ;;
+    esac
     rm -f "$unit"
-    rm -rf "${DESTDIR:?}$PREFIX"
+    rm -rf "$DESTDIR$PREFIX"
     # Drop-ins made by `systemctl edit parley`
     rm -rf "$DESTDIR$UNITDIR/parley.service.d"
     if live && systemd_running; then

@@ -109,10 +109,15 @@ def test_reinstall_keeps_an_edited_config_then_uninstall_removes_what_install_la
     conf.write_text(edited)
     credential = dest / "etc/parley/openai-api-key"
     credential.write_text("sk-not-real")
+    (dest / "etc/parley/openai-api-key.cred").write_bytes(b"encrypted blob")
 
     proc = make("install", dest)
     assert conf.read_text() == edited
     assert "kept existing" in proc.stdout
+    # With an encrypted credential present the unit loads that one instead.
+    lines = (dest / "etc/systemd/system/parley.service").read_text().splitlines()
+    assert "LoadCredentialEncrypted=openai-api-key:/etc/parley/openai-api-key.cred" in lines
+    assert not any(line.startswith("LoadCredential=") for line in lines)
 
     proc = make("uninstall", dest)
     assert not (dest / "etc/systemd/system/parley.service").exists()
