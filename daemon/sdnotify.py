@@ -212,7 +212,7 @@ def watchdog_interval(
 
 
 class _Pinger(Protocol):
-    def watchdog(self) -> None: ...
+    def watchdog(self) -> object: ...
 
 
 Probe = Callable[[], bool]
