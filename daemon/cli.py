@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from daemon.config import DEFAULT_CONFIG_PATH, Config, config_reference, load_config
-from daemon.errors import ConfigError, ParleyError
+from daemon.errors import ConfigError, FatalApiError, ParleyError, SecretError
 
-# Exit codes: 78 (EX_CONFIG) is in the unit's RestartPreventExitStatus=, so a bad config
-# or a refused key does not make systemd restart us in a loop.
+# Exit codes: 78 (EX_CONFIG) is in the unit's RestartPreventExitStatus=, so a bad config,
+# a missing or unsafe key, or a refused key does not make systemd restart us in a loop.
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78
@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as exc:
+    except (ConfigError, SecretError, FatalApiError) as exc:
+        # Restarting cannot fix these: exit 78, which the unit does not restart.
         print(f"parley: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ParleyError as exc:
