@@ -11,6 +11,7 @@ The finger always acts from a separate thread, as gpiozero's callbacks would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import termios
@@ -148,10 +149,8 @@ def pty_pair() -> Iterator[tuple[int, int]]:
     master, slave = os.openpty()
     yield master, slave
     for fd in (master, slave):
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def make_rig(backend: str, pty_pair: tuple[int, int], **cfg_kw: Any) -> Rig:
@@ -176,8 +175,8 @@ def make_rig(backend: str, pty_pair: tuple[int, int], **cfg_kw: Any) -> Rig:
 BACKENDS = ["mock", "gpio", "keyboard"]
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+async def eventually(cond: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
@@ -532,7 +531,7 @@ def test_keyboard_terminal_going_away_ends_run_with_error(pty_pair: tuple[int, i
 
 
 def test_make_button_rejects_unknown_backend() -> None:
-    with pytest.raises(ButtonError, match="unknown button.backend"):
+    with pytest.raises(ButtonError, match=r"unknown button\.backend"):
         make_button(dataclasses.replace(ButtonConfig(), backend="usb"))  # type: ignore[arg-type]
 
 
@@ -564,7 +563,8 @@ def test_machine_debounce_and_reconcile() -> None:
     assert m.tick(100.02) == []  # level agrees: nothing
     level.value = False
     ev = m.edge(False, 101.0)
-    assert [(e.kind, e.held_s) for e in ev] == [("release", pytest.approx(1.0))]
+    assert [e.kind for e in ev] == ["release"]
+    assert ev[0].held_s == pytest.approx(1.0)
     assert m.edge(True, 101.005) == []  # bounce on release
     assert m.tick(101.03) == []
 
