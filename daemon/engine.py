@@ -284,6 +284,7 @@ class _Item:
     heard: int | None = None
     done: bool = False
     lost: bool = False
+    edit_pending: bool = False
 
 
 @dataclass(eq=False)
@@ -1406,6 +1407,8 @@ class Conversation:
                 self._fallback_text(resp, out, now)
         self._resp = None
         for item in resp.items.values():
+            if item.edit_pending:
+                self._truncate_or_delete(item)
             item.text_complete = True
             if item.received > 0 and not item.ended and not item.stop_requested:
                 item.ended = True
@@ -1469,14 +1472,26 @@ class Conversation:
         item.heard = heard
         item.done = True
         item.stop_requested = True
-        link = self._links.get(item.conn_id)
-        if link is not None and link.phase == "ready":
-            audio_end_ms = heard * 1000 // SAMPLE_RATE
-            if audio_end_ms > 0:
-                self._send(link, self._dialect.truncate(item.item_id, audio_end_ms))
-            else:
-                self._send(link, self._dialect.delete(item.item_id))
+        resp = self._resp
+        if resp is not None and resp.items.get(item.item_id) is item:
+            # Its response is still active (cancel in flight): the item is complete only at
+            # response.done, so truncate/delete it then (before any next response.create).
+            item.edit_pending = True
+        else:
+            self._truncate_or_delete(item)
         self._maybe_finalize(item)
+
+    def _truncate_or_delete(self, item: _Item) -> None:
+        """Tell the server what was heard of an interrupted item."""
+        item.edit_pending = False
+        link = self._links.get(item.conn_id)
+        if link is None or link.phase != "ready" or item.heard is None:
+            return
+        audio_end_ms = item.heard * 1000 // SAMPLE_RATE
+        if audio_end_ms > 0:
+            self._send(link, self._dialect.truncate(item.item_id, audio_end_ms))
+        else:
+            self._send(link, self._dialect.delete(item.item_id))
 
     def _interrupt(self, now: float) -> None:
         """Stop the reply: cancel an active response, flush playback, cancel tools."""

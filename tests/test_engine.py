@@ -660,15 +660,17 @@ def test_interrupt_truncates_to_played_samples_and_cuts_history() -> None:
     assert StopPlayback(item) in acts
     assert h.sent_types(1, m)[0] == "response.cancel"
     h.stopped(item, 10000)  # 416.67 ms heard
-    trunc = [e for e in h.sent(1, m) if e["type"] == "conversation.item.truncate"]
-    assert trunc == [{"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
-                      "audio_end_ms": 416, "event_id": trunc[0]["event_id"]}]
     # Audio still arriving for the cancelled response is not played.
     m2 = h.mark()
     h.ev(1, h.srv.audio_delta(rid, item, pcm(2400)))
     assert h.since(m2, PlayAudio) == []
+    # The item is edited once its response is over (it is complete only then).
+    assert "conversation.item.truncate" not in h.sent_types(1, m)
     h.ev(1, h.srv.response_done(rid, status="cancelled", reason="client_cancelled",
                                 output=[h.srv.message_output(item, text)]))
+    trunc = [e for e in h.sent(1, m) if e["type"] == "conversation.item.truncate"]
+    assert trunc == [{"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
+                      "audio_end_ms": 416, "event_id": trunc[0]["event_id"]}]
     hist = h.history()
     assert hist[1].role == "assistant" and hist[1].interrupted
     # 10000/24000 of 43 chars = 17 chars -> "The quick brown f" -> cut back to a word.
