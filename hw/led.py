@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from typing import Any, Literal, Protocol, get_args
 
 from daemon.config import LedConfig
@@ -105,26 +106,30 @@ class GpioLed:
         self._state: LedState = "idle"
         self._closed = False
         self._failed = False
-        try:
-            if cfg.pwm:
-                self._dev: Any = PWMLED(
-                    cfg.pin, active_high=cfg.active_high, initial_value=0, pin_factory=pin_factory
-                )
-            else:
-                self._dev = LED(
+        error: Exception | None = None
+        tried = ""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                self._dev: Any = (PWMLED if cfg.pwm else LED)(
                     cfg.pin,
                     active_high=cfg.active_high,
-                    initial_value=False,
+                    initial_value=0,
                     pin_factory=pin_factory,
                 )
-        except Exception as exc:
+            except Exception as exc:
+                tried = "; ".join(str(w.message) for w in caught)
+                error = exc
+        if error is not None:
             raise LedError(
-                f"cannot open the status LED on GPIO{cfg.pin}: {exc}. On a Raspberry Pi, "
+                f"cannot open the status LED on GPIO{cfg.pin}: {error}"
+                + (f" ({tried})" if tried else "")
+                + ". On a Raspberry Pi, "
                 "add the user to group gpio (sudo usermod -aG gpio $USER, then log in "
                 "again) and check the pin is free"
                 + ("; if PWM is not available, set led.pwm: false" if cfg.pwm else "")
                 + "; or set led.enabled: false."
-            ) from exc
+            ) from error
         self._dev.source_delay = STEP_S
         self._apply("idle")
 
