@@ -304,6 +304,38 @@ def response(make: Callable[[int, int], tuple[Process, Flush]], i: int, o: int, 
     return fs, np.array(db)
 
 
+def call_overhead(peers: dict[str, Callable[[int, int], tuple[Process, Flush]]]) -> str:
+    """Per-call time from Python for an empty chunk and a 10 ms chunk, 48 kHz -> 24 kHz."""
+    n_calls = 20000
+    x = np.zeros(480, dtype=np.int16)
+    empty = np.zeros(0, dtype=np.int16)
+    r = Resampler(48000, 24000)
+    out = bytearray(r.max_output_bytes(960))
+    xb = x.tobytes()
+    rows = []
+
+    def per_call(fn: Callable[[], object]) -> float:
+        best = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(n_calls):
+                fn()
+            best = min(best, time.perf_counter() - t)
+        return best / n_calls * 1e6
+
+    rows.append(("parley process", per_call(lambda: r.process(b"")),
+                 per_call(lambda: r.process(xb))))
+    rows.append(("parley process_into", per_call(lambda: r.process_into(b"", out)),
+                 per_call(lambda: r.process_into(xb, out))))
+    for name in ("soxr HQ", "speex q8"):
+        if name in peers:
+            proc, _ = peers[name](48000, 24000)
+            rows.append((name, per_call(lambda p=proc: p(empty)), per_call(lambda p=proc: p(x))))
+    text = [f"{'call cost, 48->24 (us/call)':<30}{'empty':>8}{'10 ms':>8}"]
+    text += [f"{name:<30}{a:8.2f}{b:8.2f}" for name, a, b in rows]
+    return "\n".join(text)
+
+
 def plot(i: int, o: int, curves: dict[str, tuple[np.ndarray, np.ndarray]], outdir: str) -> str:
     import matplotlib
 
@@ -404,6 +436,8 @@ def main() -> int:
         sp = res.get("speex q8", Result()).msps
         lines.append(f"{f'{i}->{o}':<13}{p:8.1f}{sx:9.1f}{sp:9.1f}{p / sx:14.2f}x"
                      f"{p / sp:14.2f}x")
+    lines.append("")
+    lines.append(call_overhead(peers))
     print("\n".join(lines))
     for n in notes:
         print("note:", n)

@@ -465,7 +465,7 @@ def test_gil_released_during_process() -> None:
     """Another thread runs while a big process() call is in C (deterministic: with a huge
     switch interval a GIL-holding call would let the other thread run 0 times)."""
     r = Resampler(44100, 24000)
-    big = bytes(2 * 44100 * 20)  # 20 s of audio: tens of ms of work
+    big = bytes(2 * 44100 * 100)  # 100 s of audio: ~20 ms of work here, more on a Pi
     counter = [0]
     stop = threading.Event()
     started = threading.Event()
