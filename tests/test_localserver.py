@@ -554,6 +554,49 @@ async def test_runtime_expire_and_close_fault() -> None:
         srv.assert_clean()
 
 
+@pytest.mark.asyncio
+async def test_scripted_replies_text_mode_out_of_band_and_cached_tokens() -> None:
+    script = _script(replies=["First scripted reply.", "Second one."])
+    long_instructions = "Be helpful. " * 400  # > 1024 tokens: the prefix gets cached
+    async with LocalRealtimeServer(script) as srv:
+        async with await RealtimeTestClient.connect(srv.url) as c:
+            await c.recv()
+            update = copy.deepcopy(GA_SESSION_UPDATE)
+            update["session"]["output_modalities"] = ["text"]
+            update["session"]["instructions"] = long_instructions
+            await c.send(update)
+            await c.recv()
+            await _user_turn(c)
+            await c.send({"type": "response.create"})
+            events = await c.recv_until("response.done")
+            assert "response.output_text.delta" in c.types(events)
+            assert not any("audio" in e["type"] for e in events if e["type"].startswith(
+                "response."))
+            done = events[-1]["response"]
+            assert done["output_modalities"] == ["text"]
+            assert done["output"][0]["content"] == [
+                {"type": "output_text", "text": "First scripted reply."}]
+            first_usage = done["usage"]
+            assert first_usage["input_token_details"]["cached_tokens"] == 0
+
+            await c.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "and again"}]}})
+            assert (await c.recv_until("conversation.item.done"))[0]["previous_item_id"]
+            await c.send({"type": "response.create", "response": {
+                "conversation": "none", "metadata": {"purpose": "test"}}})
+            events = await c.recv_until("response.done")
+            done = events[-1]["response"]
+            assert done["conversation_id"] is None and done["metadata"] == {"purpose": "test"}
+            assert done["output"][0]["content"][0]["text"] == "Second one."
+            assert "conversation.item.added" not in [e["type"] for e in events]
+            cached = done["usage"]["input_token_details"]
+            assert cached["cached_tokens"] > 1024 and cached["cached_tokens"] % 64 == 0
+            assert cached["cached_tokens"] == sum(cached["cached_tokens_details"].values())
+        assert [i["role"] for i in srv.connections[0].items] == ["user", "assistant", "user"]
+        srv.assert_clean()
+
+
 # --- beta and Azure --------------------------------------------------------------------
 
 
@@ -615,8 +658,15 @@ async def test_azure_path_and_api_key_header() -> None:
         with pytest.raises(InvalidStatus) as info:
             await RealtimeTestClient.connect(url, api_key="wrong", azure_api_key=True)
         assert info.value.response.status_code == 401
+        preview = srv.azure_preview_url("my-preview")
+        async with await RealtimeTestClient.connect(preview, azure_api_key=True) as c:
+            c.dialect = "beta"
+            created = await c.recv()
+            assert created["session"]["model"] == "gpt-4o-realtime-preview"
+            assert srv.connections[-1].model == "my-preview"
         conn = srv.connections[0]
         assert conn.azure and conn.headers["api-key"] == "<redacted>"
+        assert srv.connections[-1].dialect == "beta"
         srv.assert_clean()
 
 

@@ -19,6 +19,18 @@ GA_DEFAULT_INSTRUCTIONS = (
 )
 
 
+BETA_MODELS = frozenset({
+    "gpt-realtime",
+    "gpt-realtime-2025-08-28",
+    "gpt-4o-realtime-preview",
+    "gpt-4o-realtime-preview-2024-10-01",
+    "gpt-4o-realtime-preview-2024-12-17",
+    "gpt-4o-realtime-preview-2025-06-03",
+    "gpt-4o-mini-realtime-preview",
+    "gpt-4o-mini-realtime-preview-2024-12-17",
+})
+
+
 def new_id(prefix: str) -> str:
     """An id like the real API's: ``item_`` + 21 random letters and digits."""
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(21))
@@ -114,7 +126,9 @@ def default_session(
     return {
         "id": session_id,
         "object": "realtime.session",
-        "model": model,
+        # The beta session names one of a fixed set of models; an Azure deployment name
+        # (any string) stands for the model behind it.
+        "model": model if model in BETA_MODELS else "gpt-4o-realtime-preview",
         "expires_at": expires_at,
         "modalities": ["text", "audio"],
         "instructions": GA_DEFAULT_INSTRUCTIONS,
