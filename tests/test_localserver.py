@@ -433,6 +433,18 @@ async def test_items_reseeded_in_order_delete_retrieve() -> None:
             await c.send({"type": "conversation.item.delete", "item_id": "item_zero"})
             assert (await c.recv())["error"]["code"] == "item_not_found"
 
+            # Client-created input audio is kept (retrieve returns it), the log stays intact.
+            audio = b64(pcm(200, 7))
+            await c.send({"type": "conversation.item.create", "item": {
+                "id": "item_audio", "type": "message", "role": "user",
+                "content": [{"type": "input_audio", "audio": audio}]}})
+            await c.recv_until("conversation.item.done")
+            await c.send({"type": "conversation.item.retrieve", "item_id": "item_audio"})
+            assert (await c.recv())["item"]["content"][0]["audio"] == audio
+            assert srv.received[0][-2]["item"]["content"][0]["audio"] == audio
+            await c.send({"type": "conversation.item.delete", "item_id": "item_audio"})
+            await c.recv()
+
             # A text-only user turn gets a spoken reply about its text.
             await c.send({"type": "response.create"})
             events = await c.recv_until("response.done")

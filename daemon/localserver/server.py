@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import hmac
 import http
 import json
@@ -599,7 +600,7 @@ class RealtimeConnection:
         })
 
     async def _on_item_create(self, event: dict[str, Any]) -> None:
-        item = dict(event["item"])
+        item = copy.deepcopy(event["item"])  # the logged client event must stay as sent
         item_id = item.get("id") or shapes.new_id("item_")
         if self._find_item(item_id) is not None:
             raise ApiError("item_id_already_exists",
