@@ -109,6 +109,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._connections: dict[int, Connection] = {}
+        self._conn_tasks: dict[int, asyncio.Task[None]] = {}
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._ready_sent = False
@@ -170,9 +171,9 @@ class Daemon:
             self._apply(self.conversation.shutdown(self._now()))
         for conn in list(self._connections.values()):
             conn.close()
-        deadline = self._now() + 3.0
-        while self._connections and self._now() < deadline:
-            await asyncio.sleep(0.05)
+        if self._conn_tasks:
+            # Bounded, so a dead link cannot hold up a stop within TimeoutStopSec.
+            await asyncio.wait(set(self._conn_tasks.values()), timeout=3.0)
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class Daemon:
             except ParleyError as exc:
                 log.error("could not carry out %s: %s", type(action).__name__, exc)
 
-    def _apply_one(self, action: eng.Action) -> None:  # noqa: PLR0912 - a dispatch table
+    def _apply_one(self, action: eng.Action) -> None:
         now = self._now()
         match action:
             case eng.Send(conn_id=conn_id, event=event):
@@ -216,7 +217,9 @@ class Daemon:
                     conn.send(event)
             case eng.Connect(conn_id=conn_id, delay_s=delay):
                 assert self._tasks is not None
-                self._tasks.create_task(self._open(conn_id, delay), name=f"conn-{conn_id}")
+                self._conn_tasks[conn_id] = self._tasks.create_task(
+                    self._open(conn_id, delay), name=f"conn-{conn_id}"
+                )
             case eng.Close(conn_id=conn_id):
                 conn = self._connections.get(conn_id)
                 if conn is not None:
@@ -244,7 +247,9 @@ class Daemon:
                 )
             case eng.RecordHistory(entry=entry):
                 self._record_history(entry)
-            case eng.RecordUsage(turn_id=turn_id, response_id=response_id, model=model, usage=usage):
+            case eng.RecordUsage(
+                turn_id=turn_id, response_id=response_id, model=model, usage=usage
+            ):
                 cost = self.ledger.record(turn_id, response_id, model, usage)
                 day = self.ledger.today()
                 log.info(
@@ -298,6 +303,7 @@ class Daemon:
             await conn.run()
         finally:
             self._connections.pop(conn_id, None)
+            self._conn_tasks.pop(conn_id, None)
 
     def _on_opened(self, conn_id: int) -> None:
         self._apply(self.conversation.connection_opened(conn_id, self._now()))

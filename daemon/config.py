@@ -68,8 +68,12 @@ class ApiConfig:
     azure_auth: AzureAuth = _f("bearer", "Azure: 'bearer' (key or Entra token) or 'api-key'")
     open_timeout_s: float = _f(10.0, "time allowed to open the WebSocket", lo=1, hi=120)
     ping_interval_s: float = _f(5.0, "keep-alive ping interval", lo=1, hi=120)
-    ping_timeout_s: float = _f(5.0, "a missing pong after this long means the link is dead", lo=1, hi=120)
-    send_timeout_s: float = _f(5.0, "deadline on every send; past it the link is aborted", lo=0.5, hi=60)
+    ping_timeout_s: float = _f(
+        5.0, "a missing pong after this long means the link is dead", lo=1, hi=120
+    )
+    send_timeout_s: float = _f(
+        5.0, "deadline on every send; past it the link is aborted", lo=0.5, hi=60
+    )
     max_message_bytes: int = _f(
         8 * 1024 * 1024, "largest server message accepted", lo=64 * 1024, hi=64 * 1024 * 1024
     )
@@ -89,11 +93,15 @@ class SessionConfig:
     noise_reduction: Literal["near_field", "far_field", "off"] = _f(
         "near_field", "server-side input noise reduction"
     )
-    rotate_after_min: float = _f(30.0, "open a fresh session after this many minutes", lo=0.01, hi=55)
+    rotate_after_min: float = _f(
+        30.0, "open a fresh session after this many minutes", lo=0.01, hi=55
+    )
     rotate_before_expiry_s: float = _f(
         300.0, "also rotate this long before the server's expires_at", lo=0, hi=1800
     )
-    min_commit_ms: int = _f(100, "shorter captured audio is cleared, not committed", lo=100, hi=2000)
+    min_commit_ms: int = _f(
+        100, "shorter captured audio is cleared, not committed", lo=100, hi=2000
+    )
     append_chunk_ms: int = _f(40, "audio per input_audio_buffer.append", lo=20, hi=100)
     offline_buffer_s: float = _f(
         30.0, "speech kept while no session is available, sent once one is back", lo=0, hi=300
@@ -103,7 +111,9 @@ class SessionConfig:
 @dataclass(frozen=True)
 class HistoryConfig:
     max_items: int = _f(200, "conversation items kept (oldest dropped first)", lo=0, hi=100000)
-    max_chars: int = _f(24000, "characters of history re-seeded into a new session", lo=0, hi=1_000_000)
+    max_chars: int = _f(
+        24000, "characters of history re-seeded into a new session", lo=0, hi=1_000_000
+    )
 
 
 @dataclass(frozen=True)
@@ -122,15 +132,21 @@ def _default_prices() -> dict[str, ModelPrice]:
     return {
         "gpt-realtime": ModelPrice(),
         "gpt-realtime-mini": ModelPrice(
-            text_in=0.6, text_in_cached=0.06, text_out=2.4,
-            audio_in=10.0, audio_in_cached=0.3, audio_out=20.0,
+            text_in=0.6,
+            text_in_cached=0.06,
+            text_out=2.4,
+            audio_in=10.0,
+            audio_in_cached=0.3,
+            audio_out=20.0,
         ),
     }
 
 
 @dataclass(frozen=True)
 class UsageConfig:
-    daily_budget_usd: float = _f(0.0, "stop starting turns past this spend per day (0 = no limit)", lo=0)
+    daily_budget_usd: float = _f(
+        0.0, "stop starting turns past this spend per day (0 = no limit)", lo=0
+    )
     prices: dict[str, ModelPrice] = _ff(_default_prices, "per-model prices, USD per 1M tokens")
 
 
@@ -139,7 +155,9 @@ class ToolsConfig:
     enabled: tuple[str, ...] = _ff(
         lambda: ("get_time", "set_volume", "device_status"), "tools offered to the model"
     )
-    timeout_s: float = _f(5.0, "a tool running longer is answered with a timeout error", lo=0.1, hi=120)
+    timeout_s: float = _f(
+        5.0, "a tool running longer is answered with a timeout error", lo=0.1, hi=120
+    )
 
 
 @dataclass(frozen=True)
@@ -203,8 +221,12 @@ class LedConfig:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    state_dir: str = _f("", "history and usage database directory ('' = $STATE_DIRECTORY or ~/.local/state/parley)")
-    control_socket: str = _f("", "control socket path ('' = $RUNTIME_DIRECTORY/control.sock or /run/parley)")
+    state_dir: str = _f(
+        "", "history and usage database directory ('' = $STATE_DIRECTORY or ~/.local/state/parley)"
+    )
+    control_socket: str = _f(
+        "", "control socket path ('' = $RUNTIME_DIRECTORY/control.sock or /run/parley)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
 
 
@@ -261,9 +283,7 @@ def _convert(tp: Any, value: Any, path: str, meta: Mapping[str, Any], errors: _E
             errors.add(path, f"expected {_describe(tp)}, got {type(value).__name__}")
             return ()
         (item_tp,) = get_args(tp)[:1]
-        return tuple(
-            _convert(item_tp, v, f"{path}[{i}]", {}, errors) for i, v in enumerate(value)
-        )
+        return tuple(_convert(item_tp, v, f"{path}[{i}]", {}, errors) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             errors.add(path, f"expected {_describe(tp)}, got {type(value).__name__}")
@@ -289,9 +309,10 @@ def _convert(tp: Any, value: Any, path: str, meta: Mapping[str, Any], errors: _E
         errors.add(path, f"expected {_describe(tp)}, got {value!r}")
         return value
     lo, hi = meta.get("min"), meta.get("max")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            errors.add(path, f"{value!r} is out of range; allowed {lo} to {hi}")
+    below = lo is not None and value < lo
+    above = hi is not None and value > hi
+    if isinstance(value, (int, float)) and (below or above):
+        errors.add(path, f"{value!r} is out of range; allowed {lo} to {hi}")
     return value
 
 
@@ -322,9 +343,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     if not errors.lines:
         _cross_checks(config, errors)
     if errors.lines:
-        raise ConfigError(
-            f"invalid configuration in {source}:\n  " + "\n  ".join(errors.lines)
-        )
+        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(errors.lines))
     return config
 
 
@@ -343,7 +362,8 @@ def _cross_checks(config: Config, errors: _Errors) -> None:
         )
     if not config.api.url.startswith(("wss://", "ws://")):
         errors.add("api.url", "must start with wss:// (or ws:// for a local test server)")
-    if config.button.backend == "gpio" and config.led.enabled and config.led.pin == config.button.pin:
+    button, led = config.button, config.led
+    if button.backend == "gpio" and led.enabled and led.pin == button.pin:
         errors.add("led.pin", "is the same GPIO as button.pin")
 
 

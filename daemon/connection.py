@@ -130,7 +130,7 @@ class Connection:
             async with asyncio.TaskGroup() as tasks:
                 reader = tasks.create_task(self._read(ws))
                 writer = tasks.create_task(self._write(ws))
-                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
                 for task in (reader, writer):
                     task.cancel()
         except* websockets.exceptions.ConnectionClosed:

@@ -116,7 +116,9 @@ class ControlServer:
         await writer.drain()
 
 
-def request(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> dict[str, Any]:
+def request(
+    path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
     """Blocking client used by `parley ctl`."""
     payload = json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -56,7 +56,10 @@ def test_nested_values_are_applied() -> None:
     ("doc", "expected"),
     [
         ({"api": {"modle": "x"}}, "api.modle: unknown key; did you mean 'model'?"),
-        ({"api": {"dialect": "v2"}}, "api.dialect: 'v2' is not allowed; use one of 'ga', 'beta', 'azure'"),
+        (
+            {"api": {"dialect": "v2"}},
+            "api.dialect: 'v2' is not allowed; use one of 'ga', 'beta', 'azure'",
+        ),
         ({"session": {"speed": "fast"}}, "session.speed: expected a number, got 'fast'"),
         ({"session": {"speed": 9}}, "session.speed: 9.0 is out of range; allowed 0.25 to 1.5"),
         ({"button": {"pin": True}}, "button.pin: expected an integer, got True"),
@@ -93,7 +96,7 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
 
 
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist; copy config.yaml"):
+    with pytest.raises(ConfigError, match=r"does not exist; copy config\.yaml"):
         load_config(tmp_path / "nope.yaml")
 
 

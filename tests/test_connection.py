@@ -74,7 +74,9 @@ async def test_stuck_send_aborts_the_link() -> None:
     async with serve(handler, "127.0.0.1", 0, max_size=None, close_timeout=0.5) as server:
         port = server.sockets[0].getsockname()[1]
         rec = Recorder()
-        api = dataclasses.replace(ApiConfig(), send_timeout_s=0.5, ping_interval_s=60, ping_timeout_s=60)
+        api = dataclasses.replace(
+            ApiConfig(), send_timeout_s=0.5, ping_interval_s=60, ping_timeout_s=60
+        )
         conn = Connection(2, f"ws://127.0.0.1:{port}/", {}, api, rec.callbacks())
         task = asyncio.create_task(conn.run())
         big = {"type": "input_audio_buffer.append", "audio": "A" * 4_000_000}

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from daemon.app import Daemon, Devices
 from daemon.config import Config, parse_config
 from daemon.control import request
@@ -135,7 +133,8 @@ async def test_one_turn_plays_the_reply_and_records_everything(tmp_path: Path) -
         appended = sum(len(e["audio"]) for e in r.server.events("input_audio_buffer.append"))
         assert appended > 0
         reply_pcm = sum(
-            len(e["delta"]) for e in r.server.events("response.output_audio.delta", direction="server")
+            len(e["delta"])
+            for e in r.server.events("response.output_audio.delta", direction="server")
         )
         # base64 is 4/3 of the bytes; the speaker received the whole reply.
         assert len(r.playback.output) >= reply_pcm * 3 // 4 - 4
