@@ -32,6 +32,7 @@ Design (details in the class docstring of :class:`Conversation`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import deque
@@ -410,6 +411,8 @@ class Conversation:
         self._rot_attempt = 0
         self._next_rotation_try = 0.0
         self._rotation_count = 0
+        # Links up to this id were configured before the last reconfigure().
+        self._stale_config_upto = 0
         self._last_rotation_at: float | None = None
         self._offline_since: float | None = now
         self._fatal: tuple[str, str] | None = None
@@ -548,6 +551,35 @@ class Conversation:
             if link is not None:
                 self._send(link, self._dialect.clear())
         self._interrupt(now)
+        return self._finish(now)
+
+    def reconfigure(
+        self,
+        api: ApiConfig,
+        session: SessionConfig,
+        history: HistoryConfig,
+        tools: list[dict[str, Any]],
+        now: float,
+    ) -> list[Action]:
+        """New settings (``systemctl reload``). Session settings (instructions, voice,
+        tools, ...) reach the model through a fresh session, prepared and switched to at
+        the next idle moment exactly like a rotation; connection settings apply to the
+        next connection. The dialect cannot change without a restart."""
+        if api.dialect != self._api.dialect:
+            self._notice("warning", "api.dialect changed: restart parley to apply it")
+            api = dataclasses.replace(api, dialect=self._api.dialect)
+        session_changed = (session, tools) != (self._session, self._tools_decl) or (
+            api.model != self._api.model or api.url != self._api.url
+        )
+        self._api, self._session, self._hcfg = api, session, history
+        self._tools_decl = [dict(t) for t in tools]
+        self._chunk_bytes = max(2, session.append_chunk_ms * BYTES_PER_MS)
+        self._min_commit_bytes = session.min_commit_ms * BYTES_PER_MS
+        self._offline_max_bytes = int(session.offline_buffer_s * 1000) * BYTES_PER_MS
+        if session_changed:
+            self._stale_config_upto = self._next_conn - 1
+            self._next_rotation_try = 0.0
+            self._notice("info", "new session settings: switching to a fresh session when idle")
         return self._finish(now)
 
     def set_budget_exhausted(self, flag: bool) -> list[Action]:
@@ -1044,6 +1076,8 @@ class Conversation:
     def _rotation_due(self, link: _Link | None) -> float:
         if link is None or link.created_at is None:
             return float("inf")
+        if link.conn_id <= self._stale_config_upto:
+            return link.created_at  # configured with settings a reload replaced: rotate now
         due = link.created_at + self._session.rotate_after_min * 60.0
         if link.expires_mono is not None:
             due = min(due, link.expires_mono - self._session.rotate_before_expiry_s)

@@ -1405,3 +1405,31 @@ def test_start_and_shutdown() -> None:
     h.advance(60)
     assert h.connects(m) == []
     assert tones(h.press()) == []
+
+
+def test_reconfigure_switches_to_a_fresh_session_with_the_new_instructions() -> None:
+    h = ready(initial=[E("user", "hi")])
+    h.full_turn(1, "q1", "a1")
+    m = h.mark()
+    new_session = fast_session(instructions="Speak like a pirate.", voice="cedar")
+    h.feed(h.conv.reconfigure(ApiConfig(), new_session, HistoryConfig(), [TOOL], h.now))
+    h.tick()
+    assert h.connects(m) == [Connect(2, 0.0)]
+    h.open(2)
+    assert Close(1) in h.since(m)
+    update = next(e for e in h.sent(2) if e["type"] == "session.update")
+    assert update["session"]["instructions"] == "Speak like a pirate."
+    assert update["session"]["audio"]["output"]["voice"] == "cedar"
+    assert seeded_texts(h.sent(2)) == [("user", "hi"), ("user", "q1"), ("assistant", "a1")]
+    # The fresh session is not rotated again before its time.
+    m2 = h.mark()
+    h.advance(5)
+    assert h.connects(m2) == []
+
+
+def test_reconfigure_without_session_changes_keeps_the_session() -> None:
+    h = ready()
+    m = h.mark()
+    h.feed(h.conv.reconfigure(ApiConfig(), fast_session(), HistoryConfig(), [TOOL], h.now))
+    h.advance(5)
+    assert h.connects(m) == []
