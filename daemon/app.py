@@ -52,6 +52,11 @@ class Playback(Protocol):
     def play_tone(self, pcm24k: bytes) -> None: ...
 
 
+class Finger(Protocol):
+    def press(self) -> None: ...
+    def release(self) -> None: ...
+
+
 class Indicator(Protocol):
     def set_state(self, state: Any) -> None: ...
 
@@ -94,6 +99,7 @@ class Daemon:
         control_socket: Path | None = None,
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
+        finger: Finger | None = None,
     ) -> None:
         self.config = config
         self._api_key = api_key
@@ -101,6 +107,11 @@ class Daemon:
         self.tools = tools
         self._notifier: Notifier = notifier or _NullNotifier()
         self._control_socket = control_socket
+        # A mock button to drive from `parley ctl press|release`, so those take the same
+        # debounce/min-press path as a finger; without one, ctl drives the engine directly.
+        self._finger = finger
+        self._last_tick = time.monotonic()
+        self._first_attempt_failed = False
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.history = HistoryStore(state_dir / "history.sqlite3", config.history.max_items)
         self.ledger = UsageLedger(
@@ -134,6 +145,15 @@ class Daemon:
 
     def _now(self) -> float:
         return time.monotonic()
+
+    def now(self) -> float:
+        """The driver's clock (monotonic seconds), shared with the hardware's stats."""
+        return self._now()
+
+    def engine_alive(self) -> bool:
+        """Watchdog probe: the engine is ticking (connected, retrying, or stopped on a
+        fatal API error and saying so) — a wedged loop or driver stops the pings."""
+        return self._now() - self._last_tick < 5.0
 
     async def run(self) -> None:
         """Run until :meth:`stop`; every resource has one owner task in this group."""
@@ -186,6 +206,32 @@ class Daemon:
     def cancel(self) -> None:
         self._apply(self.conversation.cancel(self._now()))
 
+    def discard_press(self) -> None:
+        """A press too short to be speech: drop what was captured, with a short tone."""
+        self._apply(self.conversation.cancel(self._now()))
+        self._apply([eng.PlayTone("too_short")])
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded configuration. Session settings go through a fresh session at
+        the next idle moment; audio, button and LED settings need a restart."""
+        old = self.config
+        for section in ("audio", "button", "led"):
+            if getattr(old, section) != getattr(config, section):
+                log.warning("%s settings changed: restart parley to apply them", section)
+        if old.service.state_dir != config.service.state_dir or (
+            old.service.control_socket != config.service.control_socket
+        ):
+            log.warning("service paths changed: restart parley to apply them")
+        self.ledger.reconfigure(config.usage.prices, config.usage.daily_budget_usd)
+        self.tools.timeout_s = config.tools.timeout_s
+        declarations = self.tools.declarations(config.tools.enabled)
+        self.config = config
+        now = self._now()
+        self._apply(self.conversation.reconfigure(
+            config.api, config.session, config.history, declarations, now
+        ))
+        self._apply(self.conversation.set_budget_exhausted(self.ledger.budget_exhausted()))
+
     def _on_audio(self, chunk: bytes) -> None:
         self._apply(self.conversation.audio(chunk, self._now()))
 
@@ -195,7 +241,9 @@ class Daemon:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            self._apply(self.conversation.tick(self._now()))
+            self._last_tick = self._now()
+            self._apply(self.conversation.tick(self._last_tick))
+            self._maybe_ready()
 
     # --- actions ------------------------------------------------------------------------
 
@@ -316,8 +364,7 @@ class Daemon:
             log.exception("could not handle server event %r", event.get("type"))
             return
         self._apply(actions)
-        if not self._ready_sent and self.conversation.snapshot(self._now()).get("ready"):
-            self._notify_ready()
+        self._maybe_ready()
 
     def _on_closed(self, conn_id: int, code: int | None, reason: str) -> None:
         self._connections.pop(conn_id, None)
@@ -329,13 +376,30 @@ class Daemon:
         self._apply(self.conversation.connection_failed(conn_id, reason, self._now()))
         if not self._ready_sent:
             # READY=1 also when the first attempt failed, with the reason in STATUS.
+            self._first_attempt_failed = True
             self._notifier.status(f"offline: {reason}; retrying")
+            self._maybe_ready()
+
+    def _devices_open(self) -> bool:
+        for device in (self.devices.capture, self.devices.playback):
+            state = getattr(getattr(device, "stats", None), "state", "running")
+            if state != "running":
+                return False
+        return True
+
+    def _maybe_ready(self) -> None:
+        """READY=1 once the audio devices are open and a session is connected, or the
+        first connection attempt failed (its reason is in STATUS)."""
+        if self._ready_sent or not self._devices_open():
+            return
+        if self._first_attempt_failed or self.conversation.snapshot(self._now()).get("ready"):
             self._notify_ready()
 
     def _notify_ready(self) -> None:
         if not self._ready_sent:
             self._ready_sent = True
             self._notifier.ready()
+            self._notifier.status(self.status_line())
 
     async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
         try:
@@ -385,9 +449,9 @@ class Daemon:
 
     async def handle_control(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         if cmd == "press":
-            self.press()
+            (self._finger or self).press()
         elif cmd == "release":
-            self.release()
+            (self._finger or self).release()
         elif cmd == "cancel":
             self.cancel()
         elif cmd == "history":

@@ -290,6 +290,12 @@ class UsageLedger:
             saved.cost_usd + extra.cost_usd,
         )
 
+    def reconfigure(self, prices: Mapping[str, ModelPrice], daily_budget_usd: float) -> None:
+        """New prices and budget (``systemctl reload``); recorded costs stay as they were."""
+        self.prices = dict(prices)
+        self.daily_budget_usd = daily_budget_usd
+        self._warned.clear()
+
     def budget_exhausted(self) -> bool:
         """True once today's spend reached ``daily_budget_usd`` (0 means no limit)."""
         if self.daily_budget_usd <= 0:

@@ -223,3 +223,16 @@ def test_failed_writes_still_count_towards_the_budget(tmp_path: Path) -> None:
     assert day.responses == 1 and day.cost_usd > 0.1
     assert ledger.budget_exhausted()
     ledger.close()
+
+
+def test_reconfigure_changes_budget_and_prices_not_the_past(tmp_path: Path) -> None:
+    from daemon.config import ModelPrice as _Price
+
+    ledger = UsageLedger(tmp_path / "u.sqlite3", {"m": _Price()}, 0.0)
+    first = ledger.record("t1", "r1", "m", {"input_tokens": 10, "output_tokens": 10,
+                                            "output_token_details": {"audio_tokens": 10}})
+    assert not ledger.budget_exhausted()
+    ledger.reconfigure({"m": _Price(audio_out=0.0)}, daily_budget_usd=first.cost_usd / 2)
+    assert ledger.budget_exhausted()
+    assert ledger.today().cost_usd == first.cost_usd
+    ledger.close()
