@@ -167,8 +167,8 @@ def make_rig(backend: str, pty_pair: tuple[int, int], **cfg_kw: Any) -> Rig:
     master, slave = pty_pair
     kb = make_button(cfg, tty_fd=slave)
     assert isinstance(kb, KeyboardButton)
-    kb._first_timeout = 0.4  # a bit above KeyFinger.INITIAL_DELAY_S, like the default
-    kb._repeat_timeout = 0.15
+    kb._first_timeout = 0.6  # well above KeyFinger.INITIAL_DELAY_S, like the default
+    kb._repeat_timeout = 0.25
     return Rig(backend, cfg, kb, KeyFinger(master), tty=slave)
 
 
@@ -262,7 +262,7 @@ def test_short_press_is_reported_after_the_fact(backend: str, pty_pair: tuple[in
 def test_stuck_button_ends_turn_and_its_release_is_swallowed(
     backend: str, pty_pair: tuple[int, int]
 ) -> None:
-    rig = make_rig(backend, pty_pair, max_press_s=0.5)  # below the config minimum on purpose
+    rig = make_rig(backend, pty_pair, max_press_s=0.8)  # below the config minimum on purpose
     seen: list[str] = []
 
     async def run() -> Recorder:
@@ -273,7 +273,7 @@ def test_stuck_button_ends_turn_and_its_release_is_swallowed(
             await asyncio.to_thread(rig.finger.down)
             await eventually(lambda: rec.kinds == ["press", "stuck"])
             stuck = rec.events[1]
-            assert 0.5 <= stuck.held_s < 3.0
+            assert 0.8 <= stuck.held_s < 3.0
             await asyncio.sleep(0.3)  # still sat on
             await asyncio.to_thread(rig.finger.up)
             await asyncio.sleep(0.6)  # the real release: not emitted
