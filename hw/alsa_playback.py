@@ -42,8 +42,8 @@ queued in the ALSA buffer at that moment is lost; items continue from where they
 from __future__ import annotations
 
 import asyncio
-import errno
 import contextlib
+import errno
 import logging
 import math
 import os
