@@ -192,7 +192,11 @@ class _PressMachine:
         events: list[ButtonEvent] = []
         if self._lock_until is not None and now >= self._lock_until:
             self._lock_until = None
-            level = self._read_level()
+            try:
+                level = self._read_level()
+            except Exception as exc:  # the health probe reports a dead backend
+                log.warning("push-to-talk button: cannot read the pin level: %s", exc)
+                level = self._down
             if level != self._down:
                 raw = self._last_raw
                 at = raw[1] if raw is not None and raw[0] == level else now
@@ -319,8 +323,11 @@ class _ButtonBase:
                 deadline = machine.deadline()
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 raw: _Raw | None
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                # races with a completing get(), and run() would never end.
                 try:
-                    raw = await asyncio.wait_for(queue.get(), timeout)
+                    async with asyncio.timeout(timeout):
+                        raw = await queue.get()
                 except TimeoutError:
                     raw = None
                 events: list[ButtonEvent] = []
@@ -345,7 +352,8 @@ class _ButtonBase:
         while True:
             await asyncio.sleep(PROBE_INTERVAL_S)
             try:
-                level = await asyncio.wait_for(asyncio.to_thread(self._probe), PROBE_TIMEOUT_S)
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    level = await asyncio.to_thread(self._probe)
             except Exception as exc:
                 if self._probe_ok:
                     log.warning("push-to-talk button backend does not answer: %s", exc)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gpiozero.pins.mock import MockFactory
+from gpiozero.pins.mock import MockFactory, MockPin
 
 import hw.button as button_mod
 from daemon.config import ButtonConfig
@@ -344,6 +344,27 @@ def test_on_event_errors_propagate_out_of_run(backend: str, pty_pair: tuple[int,
         assert termios.tcgetattr(rig.tty)[3] & termios.ECHO
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cancel_always_ends_run_even_while_items_flow(
+    backend: str, pty_pair: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: asyncio.wait_for on 3.11 could swallow a cancel racing with a get()."""
+    monkeypatch.setattr(button_mod, "PROBE_INTERVAL_S", 0.0005)  # a constant stream of items
+    rig = make_rig(backend, pty_pair)
+
+    async def run() -> None:
+        for i in range(40):
+            task = asyncio.create_task(rig.button.run(lambda e: None))
+            await eventually(rig.button.healthy)
+            await asyncio.sleep((i % 7) * 0.0007)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=3)
+            assert done, f"run() ignored cancellation (round {i})"
+            assert task.cancelled()
+
+    asyncio.run(run())
+
+
 # --- pin backends (mock, gpio): contacts bounce ------------------------------------------
 
 PIN_BACKENDS = ["mock", "gpio"]
@@ -376,37 +397,45 @@ def test_tap_inside_the_bounce_window_is_not_lost(backend: str, pty_pair: tuple[
     assert rec.events[1].held_s < BOUNCE_MS / 1000
 
 
-@pytest.mark.parametrize("backend", PIN_BACKENDS)
-def test_button_held_at_start_is_ignored_until_released(
-    backend: str, pty_pair: tuple[int, int]
-) -> None:
-    rig = make_rig(backend, pty_pair)
+class FingerPin(MockPin):  # type: ignore[misc]
+    """A mock input a finger can hold against the pull while the button opens."""
+
+    held = False
+
+    def _set_pull(self, value: str) -> None:
+        super()._set_pull(value)
+        if self.held:  # the contact wins over the pull resistor
+            self._change_state(value != "up")
+
+
+@pytest.mark.parametrize("pull_up", [True, False])
+def test_button_held_at_start_is_ignored_until_released(pull_up: bool) -> None:
+    cfg = _cfg("gpio", pull_up=pull_up)
+    factory = MockFactory(pin_class=FingerPin)
+    finger = PinFinger(factory, cfg)
+    finger.pin.held = True
+    button = make_button(cfg, pin_factory=factory)
 
     async def run() -> list[str]:
         rec = Recorder()
-        # the pin only gets its pull when the button opens; hold it right after that
-        task = asyncio.create_task(rig.button.run(rec))
-        await eventually(rig.button.healthy)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        rig.finger.down()
-        task = asyncio.create_task(rig.button.run(rec))
+        task = asyncio.create_task(button.run(rec))
         try:
-            await eventually(rig.button.healthy)
-        except AssertionError:  # pragma: no cover - diagnostic
-            raise
-        await asyncio.sleep(0.2)
-        await asyncio.to_thread(rig.finger.up)
-        await asyncio.sleep(0.2)
-        assert rec.kinds == []
-        await asyncio.to_thread(rig.finger.down)
-        await asyncio.sleep(0.3)
-        await asyncio.to_thread(rig.finger.up)
-        await eventually(lambda: len(rec.events) >= 2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+            await eventually(button.healthy)
+            assert finger.pin.state == (not pull_up), "the finger holds the contact"
+            await asyncio.sleep(0.3)  # several probes see it held: still nothing
+            finger.pin.held = False
+            await asyncio.to_thread(finger.up)
+            await asyncio.sleep(0.2)
+            assert rec.kinds == [], "neither the held press nor its release is reported"
+            await asyncio.to_thread(finger.down)
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(finger.up)
+            await eventually(lambda: len(rec.events) >= 2)
+            await asyncio.sleep(0.1)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         return rec.kinds
 
     assert asyncio.run(run()) == ["press", "release"]
@@ -594,6 +623,17 @@ def test_machine_stuck_then_silent_release() -> None:
     level.value = False
     assert m.edge(False, 30.0) == []
     assert [e.kind for e in m.edge(True, 31.0)] == ["press"]
+
+
+def test_machine_survives_an_unreadable_pin() -> None:
+    def broken() -> bool:
+        raise OSError("gpiochip gone")
+
+    m = _PressMachine(bounce_s=0.02, min_press_s=0.15, max_press_s=10.0, read_level=broken)
+    m.start(False)
+    assert [e.kind for e in m.edge(True, 1.0)] == ["press"]
+    assert m.tick(1.05) == []
+    assert m.deadline() == pytest.approx(11.0)
 
 
 def test_machine_lost_edge_is_corrected_after_two_probes() -> None:
