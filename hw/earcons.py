@@ -29,14 +29,13 @@ def blip(freq: float, ms: float, volume: float, ramp_ms: float = 10.0) -> np.nda
     """One sine blip with raised-cosine attack/release (float64, -1..1)."""
     n = max(1, round(ms * RATE / 1000))
     t = np.arange(n) / RATE
-    x = np.sin(2 * np.pi * freq * t)
+    # a touch of the octave makes small speakers sound less thin
+    x = np.sin(2 * np.pi * freq * t) + 0.15 * np.sin(4 * np.pi * freq * t)
     r = min(n // 2, round(ramp_ms * RATE / 1000))
     if r > 0:
         ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(r) + 0.5) / r)
         x[:r] *= ramp
         x[n - r:] *= ramp[::-1]
-    # a touch of the octave makes small speakers sound less thin
-    x += 0.15 * np.sin(4 * np.pi * freq * t) * (np.abs(x) > 0)
     return volume * x / 1.15
 
 
