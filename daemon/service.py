@@ -67,11 +67,13 @@ def build_hardware(config: Config) -> Hardware:
     from hw.button import make_button
     from hw.earcons import earcon
     from hw.led import make_led
-    from hw.mixer import make_volume
+    from hw.mixer import SoftwareVolume, make_volume
 
     capture = AlsaCapture(config.audio.capture, config.session.append_chunk_ms)
     volume = make_volume(config.audio.mixer)
-    playback = AlsaPlayback(config.audio.playback, volume=volume)
+    # A software volume scales the samples; a mixer control needs no help from playback.
+    gain = volume if isinstance(volume, SoftwareVolume) else None
+    playback = AlsaPlayback(config.audio.playback, volume=gain)
     led = make_led(config.led, config.button.backend)
     button = make_button(config.button)
     level = config.audio.earcon_volume
@@ -103,7 +105,10 @@ class Service:
         self.watchdog = watchdog or Watchdog()
         volume = hardware.volume
         holder: dict[str, Daemon] = {}
-        tools = default_registry(volume, lambda: holder["daemon"].status(), config.tools.timeout_s)
+        def device_status() -> dict[str, Any]:
+            return holder["daemon"].status()
+
+        tools = default_registry(volume, device_status, config.tools.timeout_s)
         devices = hardware.devices
         devices.extra_tasks.append(self._run_button)
         devices.extra_tasks.append(lambda: self.watchdog.run(self.notifier))

@@ -78,7 +78,7 @@ class RealtimeTestClient:
     async def send_raw(self, text: str) -> None:
         await self.ws.send(text)
 
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             raw = await self.ws.recv()
         event: dict[str, Any] = json.loads(raw)
@@ -86,7 +86,7 @@ class RealtimeTestClient:
         return event
 
     async def recv_until(
-        self, etype: str, timeout: float = 5.0  # noqa: ASYNC109
+        self, etype: str, timeout: float = 5.0
     ) -> list[dict[str, Any]]:
         """Events up to and including the first one of type ``etype``."""
         out: list[dict[str, Any]] = []
@@ -98,7 +98,7 @@ class RealtimeTestClient:
                     return out
 
     async def recv_until_closed(
-        self, timeout: float = 5.0  # noqa: ASYNC109
+        self, timeout: float = 5.0
     ) -> list[dict[str, Any]]:
         """Events until the connection closes (clean or not)."""
         out: list[dict[str, Any]] = []
