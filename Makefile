@@ -17,8 +17,8 @@ endif
 
 C_SOURCES := $(wildcard hw/csrc/*.c hw/csrc/*.h) setup.py
 
-.PHONY: all deps system-deps build test lint typecheck pytest cross-test unit-check \
-        demo bench install uninstall clean
+.PHONY: all deps system-deps build fault-plugin test lint typecheck pytest cross-test \
+        unit-check demo bench install uninstall clean
 
 all: build
 
@@ -46,11 +46,15 @@ $(VENV)/.built: $(VENV)/.installed $(C_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	@touch $@
 
+# parley's own ALSA external plugin, for injecting xruns, unplugs and stalls in tests.
+fault-plugin: system-deps
+	$(MAKE) -s -C hw/alsa_fault
+
 lint: deps
 	$(VENV)/bin/ruff check daemon hw tests bench
 typecheck: build
 	$(VENV)/bin/mypy
-pytest: build
+pytest: build fault-plugin
 	$(VENV)/bin/pytest -q
 cross-test: build
 	$(MAKE) -C hw/csrc cross-test
@@ -59,7 +63,7 @@ unit-check: deps
 
 test: lint typecheck cross-test unit-check pytest
 
-demo: build
+demo: build fault-plugin
 	$(PY) -m daemon.demo
 
 bench: build
@@ -73,3 +77,4 @@ uninstall:
 clean:
 	rm -rf build $(VENV) hw/*.so demo-out bench-out
 	-$(MAKE) -C hw/csrc clean
+	-$(MAKE) -C hw/alsa_fault clean
