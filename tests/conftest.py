@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.alsa_env import FakeAlsaEnv, build_plugin
+from hw.fake_alsa import FakeAlsaEnv, build_plugin
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from daemon.errors import AudioDeviceError
 from hw.alsa_capture import AlsaCapture
 from hw.alsa_pcm import find_pcm_holders, open_pcm
 from hw.alsa_playback import AlsaPlayback
-from tests.alsa_env import FakeAlsaEnv
+from hw.fake_alsa import FakeAlsaEnv
 
 pytestmark = pytest.mark.timeout(90)
 

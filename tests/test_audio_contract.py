@@ -19,7 +19,7 @@ from daemon.config import CaptureConfig, PlaybackConfig
 from hw.alsa_capture import AlsaCapture
 from hw.alsa_playback import AlsaPlayback
 from hw.audio import AudioCapture, AudioPlayback, MemoryCapture, MemoryPlayback
-from tests.alsa_env import FakeAlsaEnv
+from hw.fake_alsa import FakeAlsaEnv
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ from daemon.config import CaptureConfig, MixerConfig, PlaybackConfig
 from hw import audio_cli
 from hw.earcons import NAMES, all_earcons, earcon
 from hw.mixer import SoftwareVolume, Volume, make_volume
-from tests.alsa_env import FakeAlsaEnv
+from hw.fake_alsa import FakeAlsaEnv
 
 
 def test_earcons_distinct_short_and_click_free() -> None:
