@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -124,6 +125,7 @@ class Daemon:
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._ready_sent = False
+        self.ready_event = asyncio.Event()
         self.indicator_state = "offline"
         self.last_error = ""
         self.fatal: tuple[str, str] | None = None
@@ -149,6 +151,10 @@ class Daemon:
     def now(self) -> float:
         """The driver's clock (monotonic seconds), shared with the hardware's stats."""
         return self._now()
+
+    @property
+    def ready_sent(self) -> bool:
+        return self._ready_sent
 
     def engine_alive(self) -> bool:
         """Watchdog probe: the engine is ticking (connected, retrying, or stopped on a
@@ -312,9 +318,8 @@ class Daemon:
                 log.error("the API refused the session (%s): %s; not retrying", code, message)
                 self._notify_ready()
             case eng.Notice(level=level, message=message, fields=fields):
-                rendered = " ".join(f"{k}={v}" for k, v in fields.items())
-                log.log(_LEVELS.get(level, logging.INFO), "%s%s", message,
-                        f" ({rendered})" if rendered else "", extra=_journal(fields))
+                # daemon.logs renders the fields (journal fields, or key=value on stderr).
+                log.log(_LEVELS.get(level, logging.INFO), "%s", message, extra=_journal(fields))
                 if level in ("error", "warning"):
                     self.last_error = message
             case _:
@@ -381,9 +386,11 @@ class Daemon:
             self._maybe_ready()
 
     def _devices_open(self) -> bool:
+        """Every audio device has tried to open (running, or retrying with its error in
+        the status line): a missing mic must not hold READY, and so start-up, forever."""
         for device in (self.devices.capture, self.devices.playback):
             state = getattr(getattr(device, "stats", None), "state", "running")
-            if state != "running":
+            if state == "starting":
                 return False
         return True
 
@@ -398,6 +405,7 @@ class Daemon:
     def _notify_ready(self) -> None:
         if not self._ready_sent:
             self._ready_sent = True
+            self.ready_event.set()
             self._notifier.ready()
             self._notifier.status(self.status_line())
 
@@ -421,6 +429,10 @@ class Daemon:
             budget_exhausted=self.ledger.budget_exhausted(),
             last_error=self.last_error,
             fatal=None if self.fatal is None else {"code": self.fatal[0], "message": self.fatal[1]},
+            audio={
+                "capture": _stats_dict(self.devices.capture),
+                "playback": _stats_dict(self.devices.playback),
+            },
         )
         return snap
 
@@ -432,8 +444,15 @@ class Daemon:
             parts.append(f"session {int(age // 60)} min old")
         elif self.fatal is not None:
             parts.append(f"stopped: {self.fatal[0]}")
-        else:
-            parts.append("offline" + (f" ({self.last_error})" if self.last_error else ""))
+        elif self.last_error:
+            parts.append(f"not connected: {self.last_error}")
+        elif parts[0] != "offline":
+            parts.append("not connected")
+        for name, label in (("capture", "mic"), ("playback", "speaker")):
+            dev = snap["audio"][name]
+            if dev.get("state", "running") != "running":
+                problem = dev.get("last_error") or dev["state"]
+                parts.append(f"{label} {dev['state']}: {problem}")
         parts.append(f"{snap['turns_today']} turns today")
         parts.append(f"${snap['cost_today_usd']:.2f}")
         return " · ".join(parts)
@@ -474,6 +493,14 @@ class _Stop(Exception):
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+def _stats_dict(device: object) -> dict[str, Any]:
+    stats: Any = getattr(device, "stats", None)
+    if stats is None or not hasattr(stats, "__dataclass_fields__"):
+        return {}
+    values: dict[str, Any] = dataclasses.asdict(stats)
+    return {k: v for k, v in values.items() if k != "last_progress"}
 
 
 def _journal(fields: dict[str, Any]) -> dict[str, Any]:

@@ -111,7 +111,7 @@ class Service:
         tools = default_registry(volume, device_status, config.tools.timeout_s)
         devices = hardware.devices
         devices.extra_tasks.append(self._run_button)
-        devices.extra_tasks.append(lambda: self.watchdog.run(self.notifier))
+        devices.extra_tasks.append(self._run_watchdog)
         self.daemon = Daemon(
             config,
             api_key,
@@ -140,6 +140,12 @@ class Service:
         self.watchdog.register("connection", self.daemon.engine_alive)
         button = self.hardware.button
         self.watchdog.register("button", lambda: bool(button.healthy()))
+
+
+    async def _run_watchdog(self) -> None:
+        # No pings before READY=1: start-up is bounded by TimeoutStartSec, not the watchdog.
+        await self.daemon.ready_event.wait()
+        await self.watchdog.run(self.notifier)
 
     async def _run_button(self) -> None:
         from hw.button import ButtonEvent
