@@ -113,7 +113,8 @@ class Daemon:
         self._finger = finger
         self._last_tick = time.monotonic()
         self._first_attempt_failed = False
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # No mkdir here: the stores create their directory, and fall back to memory (with
+        # an error in the log) when they cannot, so a bad state_dir never stops the device.
         self.history = HistoryStore(state_dir / "history.sqlite3", config.history.max_items)
         self.ledger = UsageLedger(
             state_dir / "usage.sqlite3", config.usage.prices, config.usage.daily_budget_usd
@@ -122,7 +123,6 @@ class Daemon:
         self._tasks: asyncio.TaskGroup | None = None
         self._connections: dict[int, Connection] = {}
         self._conn_tasks: dict[int, asyncio.Task[None]] = {}
-        self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._ready_sent = False
         self.ready_event = asyncio.Event()
@@ -173,8 +173,7 @@ class Daemon:
                 tasks.create_task(self._ticker(), name="ticker")
                 tasks.create_task(self._status_line(), name="status")
                 if self._control_socket is not None:
-                    control = ControlServer(self._control_socket, self.handle_control)
-                    tasks.create_task(control.run(), name="control")
+                    tasks.create_task(self._run_control(self._control_socket), name="control")
                 for factory in self.devices.extra_tasks:
                     tasks.create_task(factory())
                 self._apply(self.conversation.start(self._now()))
@@ -190,6 +189,13 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _run_control(self, path: Path) -> None:
+        """The control socket is a convenience: without it the device still works."""
+        try:
+            await ControlServer(path, self.handle_control).run()
+        except (ParleyError, OSError) as exc:
+            log.error("no control socket (`parley ctl` will not work): %s", exc)
 
     async def _shutdown(self) -> None:
         """Cut any reply, close the sessions, let queued sends drain (bounded)."""
@@ -214,7 +220,7 @@ class Daemon:
 
     def discard_press(self) -> None:
         """A press too short to be speech: drop what was captured, with a short tone."""
-        self._apply(self.conversation.cancel(self._now()))
+        self.cancel()
         self._apply([eng.PlayTone("too_short")])
 
     def reconfigure(self, config: Config) -> None:
@@ -228,9 +234,10 @@ class Daemon:
             old.service.control_socket != config.service.control_socket
         ):
             log.warning("service paths changed: restart parley to apply them")
+        # Everything that can refuse the new config runs before anything changes.
+        declarations = self.tools.declarations(config.tools.enabled)
         self.ledger.reconfigure(config.usage.prices, config.usage.daily_budget_usd)
         self.tools.timeout_s = config.tools.timeout_s
-        declarations = self.tools.declarations(config.tools.enabled)
         self.config = config
         now = self._now()
         self._apply(self.conversation.reconfigure(
@@ -259,6 +266,10 @@ class Daemon:
                 self._apply_one(action)
             except ParleyError as exc:
                 log.error("could not carry out %s: %s", type(action).__name__, exc)
+            except Exception:
+                # One bad action (say, a malformed usage figure) must not take every
+                # resource owner down with it; the traceback says what to fix.
+                log.exception("could not carry out %s", type(action).__name__)
 
     def _apply_one(self, action: eng.Action) -> None:
         now = self._now()
@@ -284,7 +295,8 @@ class Daemon:
                 self.devices.playback.end_item(item_id)
             case eng.StopPlayback(item_id=item_id):
                 stopped_id, played = self.devices.playback.stop(fade=True)
-                if stopped_id not in (None, item_id):
+                if stopped_id != item_id:
+                    # Finished (or never started) before the stop: ask what was heard.
                     played = self.devices.playback.played_samples(item_id)
                 self._apply(self.conversation.playback_stopped(item_id, played, now))
             case eng.PlayTone(kind=kind):
@@ -296,7 +308,7 @@ class Daemon:
                     self.devices.indicator.set_state(state)
             case eng.RunTool(call_id=call_id, name=name, arguments=arguments):
                 assert self._tasks is not None
-                self._tool_tasks[call_id] = self._tasks.create_task(
+                self._tasks.create_task(
                     self._run_tool(call_id, name, arguments), name=f"tool-{name}"
                 )
             case eng.RecordHistory(entry=entry):
@@ -374,11 +386,20 @@ class Daemon:
     def _on_closed(self, conn_id: int, code: int | None, reason: str) -> None:
         self._connections.pop(conn_id, None)
         self._apply(self.conversation.connection_closed(conn_id, code, reason, self._now()))
+        if not self._ready_sent and not self.conversation.snapshot(self._now()).get("ready"):
+            # Accepted, then closed before the session was ready: as good as a failed
+            # first attempt for READY=1, which must not wait for the server to recover.
+            self._first_attempt_failed = True
+            self.last_error = f"the server closed the connection (code {code}) {reason}".strip()
+            self._notifier.status(f"offline: {self.last_error}; retrying")
+            self._maybe_ready()
 
-    def _on_failed(self, conn_id: int, reason: str) -> None:
+    def _on_failed(self, conn_id: int, reason: str, http_status: int | None = None) -> None:
         self._connections.pop(conn_id, None)
-        self.last_error = reason
-        self._apply(self.conversation.connection_failed(conn_id, reason, self._now()))
+        self._apply(
+            self.conversation.connection_failed(conn_id, reason, self._now(), http_status)
+        )
+        self.last_error = reason  # after the engine's generic notice: this one says why
         if not self._ready_sent:
             # READY=1 also when the first attempt failed, with the reason in STATUS.
             self._first_attempt_failed = True
@@ -410,10 +431,9 @@ class Daemon:
             self._notifier.status(self.status_line())
 
     async def _run_tool(self, call_id: str, name: str, arguments: str) -> None:
-        try:
-            output = await self.tools.run(name, arguments)
-        finally:
-            self._tool_tasks.pop(call_id, None)
+        # The registry bounds the call and turns every failure into an error string; a
+        # tool the user interrupted finishes anyway and the engine records it as such.
+        output = await self.tools.run(name, arguments)
         self._apply(self.conversation.tool_result(call_id, output, self._now()))
 
     # --- status -------------------------------------------------------------------------
@@ -481,7 +501,7 @@ class Daemon:
                 "history": [
                     {"role": e.role, "text": e.text, "at": e.created_at, "name": e.name,
                      "interrupted": e.interrupted}
-                    for e in self.history.entries()[-n:]
+                    for e in self.history.recent(n)
                 ]
             }
         return {"status": self.status()}

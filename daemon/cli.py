@@ -54,17 +54,31 @@ def _config_or_defaults(path: Path) -> Config:
     return load_config(path)
 
 
+def _exit_code(exc: ParleyError) -> int:
+    print(f"parley: {exc}", file=sys.stderr)
+    # Restarting cannot fix these: exit 78, which the unit does not restart.
+    return EXIT_CONFIG if isinstance(exc, (ConfigError, SecretError, FatalApiError)) else (
+        EXIT_FAILURE
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, SecretError, FatalApiError) as exc:
-        # Restarting cannot fix these: exit 78, which the unit does not restart.
-        print(f"parley: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     except ParleyError as exc:
-        print(f"parley: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _exit_code(exc)
+    except BaseExceptionGroup as group:
+        # A resource owner under the daemon's TaskGroup failed (e.g. the GPIO button could
+        # not be opened): report our own error like any other, not as a traceback.
+        ours = group.subgroup(lambda e: isinstance(e, ParleyError))
+        if ours is None:
+            raise
+        leaf: BaseException = ours
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        assert isinstance(leaf, ParleyError)
+        return _exit_code(leaf)
     except KeyboardInterrupt:
         return 130
 
@@ -75,7 +89,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.keys:
             print(config_reference())
             return EXIT_OK
-        load_config(args.path)
+        config = load_config(args.path)
+        _check_tools(config)
         print(f"{args.path}: configuration is valid")
         return EXIT_OK
     if args.command == "run":
@@ -99,6 +114,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _config_or_defaults(args.config)
         return speaker_test(cfg.audio.playback)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces choices
+
+
+class _NoVolume:
+    def get(self) -> int:
+        return 0
+
+    def set(self, percent: int) -> int:
+        return percent
+
+
+def _check_tools(config: Config) -> None:
+    """tools.enabled names the tools registered in code; unknown names are config errors."""
+    from daemon.tools import default_registry
+
+    default_registry(_NoVolume(), dict, config.tools.timeout_s).declarations(config.tools.enabled)
 
 
 def _ctl(action: str, socket_path: Path | None, config_path: Path, count: int) -> int:

@@ -39,7 +39,7 @@ class ConnectionCallbacks:
     opened: Callable[[int], None]
     event: Callable[[int, dict[str, Any]], None]
     closed: Callable[[int, int | None, str], None]
-    failed: Callable[[int, str], None]
+    failed: Callable[[int, str, int | None], None]  # conn_id, reason, HTTP status if any
 
 
 def describe_connect_error(exc: BaseException) -> str:
@@ -118,8 +118,12 @@ class Connection:
             raise
         except Exception as exc:
             reason = describe_connect_error(exc)
+            status = (
+                exc.response.status_code
+                if isinstance(exc, websockets.exceptions.InvalidStatus) else None
+            )
             log.warning("connection %d failed: %s", self.conn_id, reason)
-            self._callbacks.failed(self.conn_id, reason)
+            self._callbacks.failed(self.conn_id, reason, status)
             return
         self._ws = ws
         self.last_received = loop.time()

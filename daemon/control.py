@@ -35,8 +35,9 @@ def default_socket_path(configured: str, environ: dict[str, str] | None = None) 
     runtime = env.get("RUNTIME_DIRECTORY")
     if runtime:
         return Path(runtime.split(":")[0]) / "control.sock"
-    if os.geteuid() == 0:
-        return Path("/run/parley/control.sock")
+    service_socket = Path("/run/parley/control.sock")
+    if os.geteuid() == 0 or service_socket.exists():
+        return service_socket
     xdg = env.get("XDG_RUNTIME_DIR") or f"/tmp/parley-{os.geteuid()}"
     return Path(xdg) / "parley" / "control.sock"
 
@@ -133,13 +134,22 @@ def request(
             raise ParleyError(
                 f"permission denied on {path}: run as the parley user or root"
             ) from None
-        sock.sendall(payload)
+        except ConnectionRefusedError:
+            raise ParleyError(
+                f"nothing listens on {path}: parley is not running (systemctl status parley)"
+            ) from None
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            sock.sendall(payload)
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise ParleyError(f"parley did not answer on {path} within {timeout:g} s") from None
+        except OSError as exc:
+            raise ParleyError(f"lost the control socket {path}: {exc.strerror}") from None
     try:
         reply = json.loads(data)
     except ValueError:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 from daemon.app import Daemon, Devices
 from daemon.config import Config, load_config
 from daemon.control import default_socket_path
-from daemon.errors import ConfigError, ParleyError
+from daemon.errors import ParleyError
 from daemon.logs import add_secret, setup_logging
 from daemon.sdnotify import Notifier, Watchdog
 from daemon.secrets import load_api_key
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 # A part that shows no progress for this long stops the watchdog pings. Capture and
 # playback tick every period even in silence; the engine ticks every 100 ms.
 STALE_AFTER_S = 10.0
-# The connection may legitimately be down (network loss); it counts as alive while the
-# engine is connected or actively retrying, and dead only if it is wedged.
+# SIGTERM to exit, within the unit's TimeoutStopSec=10 with room to spare.
 GRACEFUL_STOP_S = 6.0
 
 
@@ -70,7 +70,13 @@ def build_hardware(config: Config) -> Hardware:
     from hw.mixer import SoftwareVolume, make_volume
 
     capture = AlsaCapture(config.audio.capture, config.session.append_chunk_ms)
-    volume = make_volume(config.audio.mixer)
+    try:
+        volume: Any = make_volume(config.audio.mixer)
+    except ParleyError as exc:
+        # A USB card that enumerates late must not stop the device: play on, louder or
+        # softer in software, and say so.
+        log.warning("%s; using software volume instead", exc)
+        volume = SoftwareVolume()
     # A software volume scales the samples; a mixer control needs no help from playback.
     gain = volume if isinstance(volume, SoftwareVolume) else None
     playback = AlsaPlayback(config.audio.playback, volume=gain)
@@ -100,6 +106,7 @@ class Service:
     ) -> None:
         self.config_path = config_path
         self.config = config
+        self._api_key = api_key
         self.hardware = hardware
         self.notifier = notifier
         self.watchdog = watchdog or Watchdog()
@@ -130,7 +137,13 @@ class Service:
 
         def fresh(stats: Callable[[], Any]) -> Callable[[], bool]:
             def probe() -> bool:
-                last = getattr(stats(), "last_progress", 0.0)
+                current = stats()
+                # A device being reopened with backoff (unplugged, not there yet) is the
+                # daemon doing its job: restarting cannot help, and the STATUS line says
+                # what is wrong. Only a stream that stopped moving counts as stuck.
+                if getattr(current, "state", "") in ("reopening", "failed"):
+                    return True
+                last = getattr(current, "last_progress", 0.0)
                 return bool(last) and (self.daemon.now() - last) < STALE_AFTER_S
 
             return probe
@@ -170,15 +183,18 @@ class Service:
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
-        except ConfigError as exc:
+            self.daemon.reconfigure(new)
+        except ParleyError as exc:
             log.error("reload rejected, still running the previous configuration: %s", exc)
             self.notifier.status(f"reload rejected: {str(exc).splitlines()[-1].strip()}")
         else:
             setup_logging(new.service.log_level)
-            self.daemon.reconfigure(new)
+            if self._api_key:
+                add_secret(self._api_key)  # the new handlers redact it too
             self.config = new
             log.info("configuration reloaded from %s", self.config_path)
-        self.notifier.ready()
+        finally:
+            self.notifier.ready()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -193,9 +209,22 @@ class Service:
         loop.add_signal_handler(signal.SIGTERM, on_term)
         loop.add_signal_handler(signal.SIGINT, on_term)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        run = asyncio.create_task(self.daemon.run(), name="daemon")
+        stopper = asyncio.create_task(stop_requested.wait(), name="stop-requested")
         try:
-            await self.daemon.run()
+            await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                try:
+                    async with asyncio.timeout(GRACEFUL_STOP_S):
+                        await asyncio.shield(run)
+                except TimeoutError:
+                    log.error("stopping took over %.0f s; cutting it short", GRACEFUL_STOP_S)
+                    run.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await run
+            run.result()
         finally:
+            stopper.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             with contextlib.suppress(Exception):
@@ -223,4 +252,17 @@ def run_service(config_path: Path) -> int:
         config.api.model, config.api.dialect, config.audio.capture.device,
         config.audio.playback.device, config.button.backend,
     )
-    return asyncio.run(service.run())
+    loop = asyncio.new_event_loop()
+    try:
+        code = loop.run_until_complete(service.run())
+        # asyncio.run would wait for executor threads without limit; a thread hung in a
+        # driver call must not turn a clean stop into systemd's SIGKILL.
+        with contextlib.suppress(TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), 2.0))
+    finally:
+        loop.close()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()[1:]):
+        log.warning("a device thread did not finish; exiting without it")
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -24,7 +24,9 @@ class Recorder:
             opened=lambda cid: self.log.append(("opened", cid)),
             event=lambda cid, ev: self.log.append(("event", ev)),
             closed=lambda cid, code, reason: (self.log.append(("closed", code)), self.done.set()),
-            failed=lambda cid, reason: (self.log.append(("failed", reason)), self.done.set()),
+            failed=lambda cid, reason, status: (
+                self.log.append(("failed", reason)), self.done.set()
+            ),
         )
 
 

@@ -65,3 +65,14 @@ def test_default_socket_path() -> None:
     assert default_socket_path("", {"RUNTIME_DIRECTORY": "/run/parley"}) == Path(
         "/run/parley/control.sock"
     )
+
+
+def test_client_says_when_nothing_listens(tmp_path: Path) -> None:
+    import socket as _socket
+
+    path = tmp_path / "stale.sock"
+    stale = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    stale.bind(str(path))  # a socket file left behind by a crashed daemon
+    stale.close()
+    with pytest.raises(ParleyError, match="not running"):
+        request(path, "status")

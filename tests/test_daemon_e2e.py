@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from daemon.app import Daemon, Devices
 from daemon.config import Config, parse_config
 from daemon.control import request
@@ -268,3 +270,84 @@ async def test_press_during_rotation_is_neither_dropped_nor_delayed(tmp_path: Pa
         await r.idle()
         users = [e.text for e in r.daemon.history.entries() if e.role == "user"]
         assert users == ["one", "two"]
+
+
+class RecordingNotifier:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def ready(self) -> None:
+        self.messages.append("READY=1")
+
+    def status(self, text: str) -> None:
+        self.messages.append(f"STATUS={text}")
+
+
+async def _daemon_with(tmp_path: Path, server: LocalRealtimeServer, **sections: dict[str, Any]
+                       ) -> tuple[Daemon, RecordingNotifier, asyncio.Task[None]]:
+    config = _config(server, **sections)
+    notifier = RecordingNotifier()
+    daemon = Daemon(
+        config, "sk-test-not-a-real-key",
+        Devices(capture=MemoryCapture(), playback=MemoryPlayback()),
+        state_dir=tmp_path / "state", tools=default_registry(FakeVolume(), dict, 1.0),
+        notifier=notifier, rng=random.Random(1),
+    )
+    return daemon, notifier, asyncio.create_task(daemon.run())
+
+
+async def test_ready_is_sent_when_the_server_accepts_then_closes(tmp_path: Path) -> None:
+    """READY=1 must not wait for a server that accepts and hangs up (else systemd's start
+    timeout restarts us in a loop); STATUS says why it is offline."""
+    async with LocalRealtimeServer(script=Script(refuse_first=100, refuse_with="close")) as srv:
+        daemon, notifier, task = await _daemon_with(tmp_path, srv)
+        try:
+            async with asyncio.timeout(10):
+                while "READY=1" not in notifier.messages:
+                    await asyncio.sleep(0.02)
+            assert any("offline" in m and "closed" in m for m in notifier.messages)
+            assert not daemon.status()["ready"]
+        finally:
+            daemon.stop()
+            await asyncio.wait_for(task, 10)
+
+
+async def test_refused_key_at_handshake_is_fatal_not_retried(tmp_path: Path) -> None:
+    async with LocalRealtimeServer(api_key="the-right-key") as srv:
+        url = srv.azure_url("gpt-realtime").split("?")[0]
+        daemon, notifier, task = await _daemon_with(
+            tmp_path, srv, api={"dialect": "azure", "url": url, "azure_auth": "api-key"}
+        )
+        try:
+            async with asyncio.timeout(10):
+                while daemon.fatal is None:
+                    await asyncio.sleep(0.02)
+            attempts = srv.connection_attempts
+            await asyncio.sleep(1.5)  # longer than the configured backoff cap (0.5 s)
+            assert srv.connection_attempts == attempts, "kept retrying a refused key"
+            assert daemon.status()["fatal"]["code"] == "invalid_api_key"
+            assert "READY=1" in notifier.messages
+            assert "sk-test-not-a-real-key" not in " ".join(notifier.messages)
+        finally:
+            daemon.stop()
+            await asyncio.wait_for(task, 10)
+
+
+async def test_reload_with_an_unknown_tool_changes_nothing(tmp_path: Path) -> None:
+    from daemon.errors import ConfigError
+
+    async with LocalRealtimeServer() as srv:
+        daemon, _notifier, task = await _daemon_with(tmp_path, srv)
+        try:
+            before = daemon.config
+            timeout_before = daemon.tools.timeout_s
+            bad = _config(srv, tools={"enabled": ["get_time", "launch_rocket"], "timeout_s": 9.0},
+                          usage={"daily_budget_usd": 0.000001})
+            with pytest.raises(ConfigError, match="launch_rocket"):
+                daemon.reconfigure(bad)
+            assert daemon.config is before
+            assert daemon.tools.timeout_s == timeout_before
+            assert daemon.ledger.daily_budget_usd == before.usage.daily_budget_usd
+        finally:
+            daemon.stop()
+            await asyncio.wait_for(task, 10)
