@@ -11,8 +11,8 @@ import pytest
 from daemon.config import CaptureConfig, MixerConfig, PlaybackConfig
 from hw import audio_cli
 from hw.earcons import NAMES, all_earcons, earcon
-from hw.mixer import SoftwareVolume, Volume, make_volume
 from hw.fake_alsa import FakeAlsaEnv
+from hw.mixer import SoftwareVolume, Volume, make_volume
 
 
 def test_earcons_distinct_short_and_click_free() -> None:
