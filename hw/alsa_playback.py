@@ -37,6 +37,9 @@ and the stream restarts with the next write; running dry after the last item is 
 and not counted. A vanished device, other ALSA errors, or no progress for
 ``stall_reopen_s`` while audio is queued: close and reopen with capped backoff (audio
 queued in the ALSA buffer at that moment is lost; items continue from where they were).
+The stall clock runs only while frames are queued: idle time (drained, XRUN after the last
+sound, or SETUP after a ``drop()``) is not stall time, so the first write after a pause is
+not mistaken for a device that stopped.
 """
 
 from __future__ import annotations
@@ -429,7 +432,11 @@ class AlsaPlayback:
 
         while not self._stop.is_set():
             # 1. where is the device?
-            avail = pcm.avail()
+            # SETUP: after drop() (a stop with no fade frames) nothing is queued and there
+            # is no position until the next write re-prepares the stream; do not ask (a
+            # kernel PCM answers -EBADFD, alsa-lib's ioplug a stale pre-drop count).
+            setup = pcm.state() == alsaaudio.PCM_STATE_SETUP
+            avail = bufsize if setup else pcm.avail()
             now = time.monotonic()
             if pcm.state() == alsaaudio.PCM_STATE_DISCONNECTED:
                 raise alsaaudio.ALSAAudioError(f"No such device [{cfg.device}]")
@@ -449,7 +456,11 @@ class AlsaPlayback:
                 if stalled:
                     log.info("playback device %r plays again", cfg.device)
                     stalled = False
-            elif delay > 0 and now - last_move > self.stall_timeout_s:
+            elif delay == 0:
+                # nothing queued: the device owes no progress, so idle time is not stall
+                # time (else the first write after a pause looks like a long stall)
+                last_move = now
+            elif now - last_move > self.stall_timeout_s:
                 if not stalled:
                     stalled = True
                     msg = (f"playback device {cfg.device!r} consumed no audio for "

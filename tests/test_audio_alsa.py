@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import alsaaudio
 import numpy as np
 import pytest
 
+import hw.alsa_playback
 from daemon.config import CaptureConfig, PlaybackConfig
 from daemon.errors import AudioDeviceError
 from hw.alsa_capture import AlsaCapture
@@ -148,6 +150,102 @@ async def test_stop_accounting_matches_speaker_within_a_period(alsa_env: FakeAls
     assert 9000 < n < 48000
 
 
+async def test_short_sounds_after_idle_are_not_stalls(alsa_env: FakeAlsaEnv) -> None:
+    """Regression: an earcon written after an idle pause longer than the stall timeout
+    was reported as 'consumed no audio for <pause>' (the stall clock ran while nothing
+    was queued) and, past stall_reopen_s, the device was reopened and the earcon cut."""
+    dev = alsa_env.fault_device(name="spk", rate=48000, channels=2, format="S16_LE")
+    pb = AlsaPlayback(PlaybackConfig(device="spk"), stall_timeout_s=0.3, stall_reopen_s=0.8)
+    task = asyncio.create_task(pb.run())
+    tone = (0.3 * 32767 * np.sin(2 * np.pi * 880 * np.arange(3600) / 24000)).astype("<i2")
+    await asyncio.sleep(0.5)  # idle from the start: longer than stall_timeout_s
+    for _ in range(2):
+        pb.play_tone(tone.tobytes())
+        await asyncio.sleep(1.2)  # the tone plays out (150 ms), then idle > stall_reopen_s
+    st = pb.stats
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (st.stalls, st.reopens, st.underruns) == (0, 0, 0), st
+    assert st.state == "running" and st.last_error == ""
+    # the file holds only what the pointer passed: both whole tones (2 x 7200 frames at
+    # 48 kHz, each plus the resampler's tail), none of the idle time
+    out = np.fromfile(dev.out_path, dtype="<i2").reshape(-1, 2)[:, 0] / 32768
+    assert 2 * 7200 <= len(out) <= 2 * (7200 + 96), len(out)
+    loud = np.abs(out) > 0.15  # above half the tone's amplitude
+    assert 0.6 * 2 * 7200 < int(loud.sum()) <= 2 * 7200
+
+
+async def test_stop_without_fade_leaves_a_healthy_idle_stream(alsa_env: FakeAlsaEnv,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """Regression: stop(fade=False) drop()s the PCM into SETUP and writes nothing. The
+    worker then asked avail(): alsa-lib's ioplug answers with the stale pre-drop count
+    (a 'stall', then a reopen), a kernel device with -EBADFD (a 'failure', a reopen).
+    The SETUP answer of a kernel (hw:) PCM is emulated here."""
+    dev = alsa_env.fault_device(name="spk", rate=48000, channels=2, format="S16_LE")
+
+    class KernelLikeSetup:
+        def __init__(self, pcm: Any) -> None:
+            self._pcm = pcm
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._pcm, name)
+
+        def avail(self) -> int:
+            if self._pcm.state() == alsaaudio.PCM_STATE_SETUP:
+                return -77  # -EBADFD: snd_pcm_hwsync() on a kernel PCM in SETUP
+            return int(self._pcm.avail())
+
+    monkeypatch.setattr(hw.alsa_playback, "open_pcm",
+                        lambda *a, **k: KernelLikeSetup(open_pcm(*a, **k)))
+    pb = AlsaPlayback(PlaybackConfig(device="spk"), stall_timeout_s=0.3, stall_reopen_s=0.8)
+    done: list[tuple[str, int]] = []
+    pb.on_item_done = lambda i, n: done.append((i, n))
+    task = asyncio.create_task(pb.run())
+    pb.enqueue("r1", (_test_signal(24000, 2.0) * 32767).astype("<i2").tobytes())
+    pb.end_item("r1")
+    await _until(lambda: pb.played_samples("r1") > 4800)
+    item, n = pb.stop(fade=False)
+    await asyncio.sleep(0.1)
+    assert pb.stop(fade=True) == (None, 0)  # a stop while idle: drop() again, nothing to fade
+    await asyncio.sleep(1.2)  # > stall_reopen_s
+    size = os.path.getsize(dev.out_path)
+    pb.enqueue("r2", (_test_signal(24000, 0.3) * 32767).astype("<i2").tobytes())
+    pb.end_item("r2")
+    await _until(lambda: done, timeout=3)
+    st = pb.stats
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert item == "r1" and 4800 < n < 48000
+    assert done == [("r2", 7200)]
+    assert (st.stalls, st.reopens) == (0, 0), st
+    assert st.state == "running" and st.last_error == ""
+    assert os.path.getsize(dev.out_path) - size >= 14400 * 4  # r2 reached the speaker
+
+
+async def test_stalled_playback_still_detected_and_recovers(alsa_env: FakeAlsaEnv) -> None:
+    """The idle rule must not hide a real stall: audio queued, clock frozen."""
+    dev = alsa_env.fault_device(name="spk", rate=48000, channels=2, format="S16_LE")
+    pb = AlsaPlayback(PlaybackConfig(device="spk"), stall_timeout_s=0.3, stall_reopen_s=10.0)
+    task = asyncio.create_task(pb.run())
+    pb.enqueue("r1", (_test_signal(24000, 3.0) * 32767).astype("<i2").tobytes())
+    pb.end_item("r1")
+    await _until(lambda: pb.played_samples("r1") > 4800)
+    dev.stall()
+    await _until(lambda: pb.stats.state == "stalled")
+    heard = pb.played_samples("r1")
+    await asyncio.sleep(0.3)
+    assert pb.played_samples("r1") == heard and pb.stats.stalls == 1
+    dev.restore()
+    await _until(lambda: pb.stats.state == "running" and pb.played_samples("r1") > heard)
+    assert pb.stats.stalls == 1 and pb.stats.reopens == 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_capture_overrun_counted_and_stream_continues(alsa_env: FakeAlsaEnv,
                                                             tmp_path: Path) -> None:
     dev = alsa_env.fault_device(name="mic", rate=48000, channels=2, format="S32_LE")
@@ -191,14 +289,17 @@ async def test_vanished_capture_device_reopened_with_backoff(alsa_env: FakeAlsaE
     await _until(lambda: len(chunks) >= 5)
     dev.vanish()
     await _until(lambda: "vanished" in cap.stats.last_error)
-    assert cap.stats.state == "reopening"
+    state = cap.stats.state  # read into a variable: mypy would narrow cap.stats.state
+    assert state == "reopening"
     await _until(lambda: "is not present" in cap.stats.last_error)
     await asyncio.sleep(1.0)  # several failed opens: 0.05, 0.1, 0.2, 0.4, 0.4 s apart
-    assert cap.stats.state == "failed"
+    state = cap.stats.state
+    assert state == "failed"
     n = len(chunks)
     dev.restore()
     await _until(lambda: cap.stats.reopens == 1 and len(chunks) >= n + 10)
-    assert cap.stats.state == "running"
+    state = cap.stats.state
+    assert state == "running"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -81,7 +81,8 @@ async def test_capture_delivers_fixed_chunks_on_the_loop(capture: AudioCapture) 
         await task
     assert threads == {loop_thread}
     assert {len(c) for c in chunks} == {capture.chunk_bytes} == {960}
-    assert capture.stats.state == "stopped"
+    final: str = capture.stats.state  # re-read after the task ended (no narrowing)
+    assert final == "stopped"
 
 
 async def test_capture_cancellation_propagates_promptly(capture: AudioCapture) -> None:
@@ -145,6 +146,36 @@ async def test_playback_stop_reports_heard_samples(playback: AudioPlayback) -> N
         await asyncio.sleep(0.3)
         assert done == []  # an interrupted item never reports done
         assert playback.stats.queued_samples == 0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("fade", [False, True])
+async def test_playback_pauses_and_stops_are_not_faults(playback: AudioPlayback,
+                                                        fade: bool) -> None:
+    """Idle time between sounds, and a stop, are not device trouble: after a pause longer
+    than any stall timeout the next sound plays at once and nothing is counted."""
+    done: list[tuple[str, int]] = []
+    playback.on_item_done = lambda i, n: done.append((i, n))
+    task = asyncio.create_task(playback.run())
+    try:
+        playback.play_tone(sine24k(0.15))
+        await asyncio.sleep(0.8)
+        playback.enqueue("a", sine24k(2.0))
+        playback.end_item("a")
+        await _until(lambda: playback.played_samples("a") >= 4800)
+        item, _n = playback.stop(fade=fade)
+        assert item == "a"
+        await asyncio.sleep(2.5)  # longer than the backends' stall/reopen timeouts
+        playback.enqueue("b", sine24k(0.2))
+        playback.end_item("b")
+        await _until(lambda: done, timeout=2.0)
+        assert done == [("b", 4800)]
+        st = playback.stats
+        assert (st.stalls, st.reopens, st.underruns) == (0, 0, 0), st
+        assert st.state == "running" and st.last_error == ""
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
