@@ -117,7 +117,12 @@ async def run_demo(workdir: Path, rotate_after_min: float) -> int:
     print(f"  config           {dev.config_path}")
     print(f"  rotation         every {rotate_after_min * 60:.0f} s (shortened from 30 min)\n")
     await dev.wait_notified("READY", timeout=30)
-    n.say(f"systemd notified READY=1 · STATUS={dev.notified('STATUS')[-1].fields['STATUS']}")
+    ready_at = dev.notified("READY")[0].at
+    await dev.wait_until(
+        lambda: any(m.at >= ready_at for m in dev.notified("STATUS")), 10, "STATUS"
+    )
+    status_line = next(m for m in dev.notified("STATUS") if m.at >= ready_at).fields["STATUS"]
+    n.say(f"systemd notified READY=1 · STATUS={status_line}")
 
     gaps: dict[str, float | None] = {}
     try:
@@ -155,7 +160,8 @@ async def run_demo(workdir: Path, rotate_after_min: float) -> int:
         name = f" {item['name']}" if item.get("name") else ""
         print(f"  {item['role']:>11}{name}: {item['text']}{mark}")
 
-    print("\nEvent flow of the rotation (local server's log):")
+    print("\nEvent flow of the rotation (local server's log; acknowledgements and deltas"
+          " folded):")
     for line in _rotation_flow(dev.server):
         print(f"  {line}")
 
@@ -172,6 +178,15 @@ async def run_demo(workdir: Path, rotate_after_min: float) -> int:
         "rotation_count", 0) >= 1
     print("\ndemo " + ("finished" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+# Acknowledgements and stream bookkeeping, left out of the printed flow for brevity.
+_QUIET = frozenset({
+    "conversation.item.added", "conversation.item.done", "rate_limits.updated",
+    "response.output_item.added", "response.output_item.done", "response.content_part.added",
+    "response.content_part.done", "response.output_audio.done",
+    "response.output_audio_transcript.done", "input_audio_buffer.committed",
+})
 
 
 def _rotation_flow(server: LocalRealtimeServer) -> list[str]:
@@ -194,6 +209,8 @@ def _rotation_flow(server: LocalRealtimeServer) -> list[str]:
             lines.append(f"{run_start:8.3f} s  session {conn + 1} {arrow} {etype}{times}")
 
     for entry in entries[first:]:
+        if entry.type.endswith(".delta") or entry.type in _QUIET:
+            continue
         key = (entry.connection, entry.direction, entry.type)
         if key != run_key:
             flush()

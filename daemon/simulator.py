@@ -210,7 +210,7 @@ class SimulatedDevice:
         return [n for n in self.notifications if key in n.fields]
 
     async def wait_notified(self, key: str, count: int = 1, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        await self._wait(lambda: len(self.notified(key)) >= count, timeout,
+        await self.wait_until(lambda: len(self.notified(key)) >= count, timeout,
                          f"{count}x {key}= on NOTIFY_SOCKET")
 
     async def _read_log(self) -> None:
@@ -221,7 +221,7 @@ class SimulatedDevice:
             if self.on_log is not None:
                 self.on_log(line)
 
-    async def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:  # noqa: ASYNC109
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:  # noqa: ASYNC109
         try:
             async with asyncio.timeout(timeout):
                 while not predicate():
