@@ -42,7 +42,7 @@ import pytest
 from daemon.app import Devices
 from daemon.config import parse_config
 from daemon.history import HistoryStore
-from daemon.localserver import LocalRealtimeServer, Script
+from daemon.localserver import Fault, LocalRealtimeServer, Script
 from daemon.localserver.synth import synthesize
 from daemon.service import Hardware, Service
 from daemon.simulator import SPEAKER_RATE, SimulatedDevice
@@ -370,6 +370,28 @@ async def test_sigterm_mid_reply_stops_cleanly_and_flushes_history(
     heard = entries[1].text
     assert heard and long_reply.startswith(heard.rstrip(".")) and len(heard) < len(long_reply)
     assert entries[0].turn_id == entries[1].turn_id != ""
+
+
+async def test_sigterm_with_a_half_open_connection_still_stops_in_time(
+    tmp_path: Path,
+) -> None:
+    # The server stops reading and sending mid-reply (a half-open TCP connection): the
+    # close handshake can never complete, and the stop must not wait for it.
+    script = Script(user_transcripts=["hello"], replies=[" ".join(["la"] * 30) + "."],
+                    realtime_factor=1.0,
+                    faults=[Fault("stall", at="response", after_deltas=10)])
+    limit = _stop_timeout_s()
+    async with simulated(tmp_path, script, QUIET) as dev:
+        await dev.say("hello")
+        await dev.server.wait_for(lambda: dev.server.connections[0].stalled, 10)
+        await _until(lambda: _speaker_bytes(dev) > 200 * SPK_BYTES_PER_MS, 10,
+                     "the start of the reply plays")
+        code, took = await dev.stop(timeout=limit + 5)
+        assert code == 0, _log(dev)
+        assert took < limit, f"stop took {took:.1f} s, TimeoutStopSec={limit:.0f}"
+        assert dev.notified("STOPPING")
+    dev.server.assert_clean()
+    assert [(e.role, e.text) for e in _history(dev)][:1] == [("user", "hello")]
 
 
 # ----------------------------------------------------------------------------------------
