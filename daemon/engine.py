@@ -449,6 +449,13 @@ class Conversation:
     def shutdown(self, now: float) -> list[Action]:
         """Daemon stopping: cut any reply (StopPlayback/cancel), drop a capture, close every
         connection and never reconnect. Inputs after this only record history."""
+        # The connections close now, so no transcript.done will come: what was heard is
+        # cut from the words received so far, as after a lost link.
+        resp = self._resp
+        if resp is not None:
+            for item in resp.items.values():
+                if item.received > 0:
+                    item.text_complete = True
         self._interrupt(now)
         if self._capture is not None:
             self._capture.state = "dropped"

@@ -1433,3 +1433,28 @@ def test_reconfigure_without_session_changes_keeps_the_session() -> None:
     h.feed(h.conv.reconfigure(ApiConfig(), fast_session(), HistoryConfig(), [TOOL], h.now))
     h.advance(5)
     assert h.connects(m) == []
+
+
+def test_shutdown_mid_stream_records_what_was_heard() -> None:
+    h = ready()
+    h.talk()
+    user_item = h.srv.new_id("item")
+    h.ev(1, h.srv.committed(user_item))
+    rid, item_id = h.srv.new_id("resp"), h.srv.new_id("item")
+    h.ev(1, h.srv.response_created(rid))
+    h.ev(1, h.srv.message_added(rid, item_id))
+    h.ev(1, h.srv.transcript_delta(rid, item_id, "one two three four "))
+    h.ev(1, h.srv.audio_delta(rid, item_id, pcm(2400)))
+    h.ev(1, h.srv.transcript_delta(rid, item_id, "five six seven eight"))
+    h.ev(1, h.srv.audio_delta(rid, item_id, pcm(2400)))
+    h.ev(1, h.srv.transcript(user_item, "count for me"))
+    # Still streaming: no transcript.done, no response.done, when the daemon stops.
+    m = h.mark()
+    actions = h.feed(h.conv.shutdown(h.now))
+    assert StopPlayback(item_id) in actions
+    h.stopped(item_id, 2400)  # half of what was received had been played
+    recorded = [a.entry for a in h.since(0, RecordHistory)]
+    assert [e.role for e in recorded] == ["user", "assistant"]
+    assert recorded[1].interrupted
+    assert recorded[1].text == "one two three four"
+    assert len(h.since(m, RecordHistory)) == 1

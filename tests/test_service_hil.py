@@ -323,19 +323,9 @@ async def test_sighup_with_a_bad_config_is_rejected_and_the_daemon_keeps_working
 # ----------------------------------------------------------------------------------------
 
 
-SIGTERM_STREAMING_BUG = (
-    "daemon/engine.py Conversation.shutdown()/_maybe_finalize(): on SIGTERM while the reply "
-    "is still streaming in (its transcript.done not yet received), shutdown() closes every "
-    "link at once, so _on_stopped() -> _maybe_finalize() returns early on "
-    "`not item.text_complete` and never fills the assistant slot; the part of the reply "
-    "the user already heard is never written to history (the outbox stays blocked)"
-)
-
-
 @pytest.mark.parametrize("streaming", [
     pytest.param(False, id="reply-received"),
-    pytest.param(True, id="reply-still-streaming",
-                 marks=pytest.mark.xfail(strict=True, reason=SIGTERM_STREAMING_BUG)),
+    pytest.param(True, id="reply-still-streaming"),
 ])
 async def test_sigterm_mid_reply_stops_cleanly_and_flushes_history(
     tmp_path: Path, streaming: bool
