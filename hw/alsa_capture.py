@@ -44,31 +44,24 @@ from typing import Any
 import alsaaudio
 
 from daemon.config import CaptureConfig
-from daemon.errors import AudioDeviceError
 from hw.alsa_pcm import (
     POLLERR,
     Backoff,
+    DeviceWorker,
     PcmPoller,
     RateLimitedLog,
+    Stalled,
     Waker,
-    is_no_device,
-    open_pcm,
 )
 from hw.audio import SAMPLE_BYTES, CaptureStats, StreamState, ms_to_samples
 from hw.resample import Resampler
 
 log = logging.getLogger(__name__)
 
-FAILED_AFTER = 3
-"""Consecutive failed opens after which the state reads ``failed`` (retries continue)."""
-
-
-class _Stalled(Exception):
-    pass
-
-
-class AlsaCapture:
+class AlsaCapture(DeviceWorker):
     """Capture from ``cfg.device`` and deliver 24 kHz mono S16_LE chunks of ``chunk_ms``."""
+
+    direction = "capture"
 
     def __init__(self, cfg: CaptureConfig, chunk_ms: int, *, stall_timeout_s: float = 0.5,
                  stall_reopen_s: float = 2.0, backoff_initial_s: float = 0.2,
@@ -173,60 +166,9 @@ class AlsaCapture:
 
     # --- the worker thread --------------------------------------------------------------
 
-    def _set(self, **kw: Any) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, "_" + k, v)
-
     def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._waker is not None
-        failures = 0
-        first = True
-        while not self._stop.is_set():
-            try:
-                pcm = open_pcm(
-                    "capture", self.cfg.device, rate=self.cfg.rate,
-                    channels=self.cfg.channels, fmt=self.cfg.format,
-                    period_frames=self.cfg.period_frames, buffer_frames=self.cfg.buffer_frames,
-                )
-            except AudioDeviceError as exc:
-                failures += 1
-                delay = self._backoff.next()
-                msg = str(exc)
-                if msg != self._last_error:
-                    log.error("%s (retrying every %.1f s at most)", msg, self._backoff.cap)
-                self._set(state="failed" if failures >= FAILED_AFTER else "reopening",
-                          last_error=msg)
-                self._waker.sleep(delay)
-                continue
-            if not first:
-                with self._lock:
-                    self._reopens += 1
-                log.info("capture device %r reopened", self.cfg.device)
-            first = False
-            failures = 0
-            self._set(state="running", last_progress=time.monotonic())
-            try:
-                self._stream(pcm, loop)
-            except (alsaaudio.ALSAAudioError, _Stalled) as exc:
-                what = (
-                    "vanished" if is_no_device(exc) else
-                    "stalled" if isinstance(exc, _Stalled) else "failed"
-                )
-                msg = f"capture device {self.cfg.device!r} {what}: {exc}; reopening"
-                log.warning("%s", msg)
-                self._set(state="reopening", last_error=msg)
-                self._close(pcm)
-                self._waker.sleep(self._backoff.next())
-                continue
-            self._close(pcm)
-
-    @staticmethod
-    def _close(pcm: Any) -> None:
-        with contextlib.suppress(alsaaudio.ALSAAudioError):
-            pcm.drop()
-        with contextlib.suppress(alsaaudio.ALSAAudioError):
-            pcm.close()
+        self._serve_device(loop, self._waker)
 
     def _stream(self, pcm: Any, loop: asyncio.AbstractEventLoop) -> None:
         assert self._waker is not None
@@ -295,4 +237,4 @@ class AlsaCapture:
                 log.warning("capture device %r stalled: no audio for %.1f s",
                             self.cfg.device, idle)
             if idle > self.stall_reopen_s:
-                raise _Stalled(f"no audio for {idle:.1f} s")
+                raise Stalled(f"no audio for {idle:.1f} s")

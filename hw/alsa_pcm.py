@@ -13,6 +13,7 @@ import os
 import re
 import select
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -294,3 +295,91 @@ class RateLimitedLog:
             self._suppressed = 0
         else:
             self._suppressed += 1
+
+
+FAILED_AFTER = 3
+"""Consecutive failed opens after which the state reads ``failed`` (retries continue)."""
+
+
+class Stalled(Exception):
+    """The device stopped making progress; the worker reopens it."""
+
+
+def close_pcm(pcm: Any) -> None:
+    with contextlib.suppress(alsaaudio.ALSAAudioError):
+        pcm.drop()
+    with contextlib.suppress(alsaaudio.ALSAAudioError):
+        pcm.close()
+
+
+class DeviceWorker:
+    """The worker thread's life shared by capture and playback: open the PCM, stream it,
+    and on a failure (vanished, stalled, any ALSA error) close and reopen with backoff,
+    keeping ``state`` / ``last_error`` / ``reopens`` up to date for the stats.
+
+    Subclasses set the attributes below and implement :meth:`_stream`.
+    """
+
+    direction: Direction
+    cfg: Any  # CaptureConfig | PlaybackConfig: device, rate, channels, format, frames
+    _lock: threading.Lock
+    _stop: threading.Event
+    _backoff: Backoff
+    _last_error: str
+    _reopens: int
+
+    def _set(self, **kw: Any) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, "_" + k, v)
+
+    def _stream(self, pcm: Any, loop: Any) -> None:
+        raise NotImplementedError
+
+    def _after_stream(self) -> None:
+        """Called after every stream ends, before the PCM is closed."""
+
+    def _serve_device(self, loop: Any, waker: Waker) -> None:
+        cfg = self.cfg
+        failures = 0
+        first = True
+        while not self._stop.is_set():
+            try:
+                pcm = open_pcm(
+                    self.direction, cfg.device, rate=cfg.rate, channels=cfg.channels,
+                    fmt=cfg.format, period_frames=cfg.period_frames,
+                    buffer_frames=cfg.buffer_frames,
+                )
+            except AudioDeviceError as exc:
+                failures += 1
+                delay = self._backoff.next()
+                msg = str(exc)
+                if msg != self._last_error:
+                    log.error("%s (retrying every %.1f s at most)", msg, self._backoff.cap)
+                self._set(state="failed" if failures >= FAILED_AFTER else "reopening",
+                          last_error=msg)
+                waker.sleep(delay)
+                continue
+            if not first:
+                with self._lock:
+                    self._reopens += 1
+                log.info("%s device %r reopened", self.direction, cfg.device)
+            first = False
+            failures = 0
+            self._set(state="running", last_progress=time.monotonic())
+            try:
+                self._stream(pcm, loop)
+            except (alsaaudio.ALSAAudioError, Stalled) as exc:
+                what = (
+                    "vanished" if is_no_device(exc) else
+                    "stalled" if isinstance(exc, Stalled) else "failed"
+                )
+                msg = f"{self.direction} device {cfg.device!r} {what}: {exc}; reopening"
+                log.warning("%s", msg)
+                self._set(state="reopening", last_error=msg)
+                self._after_stream()
+                close_pcm(pcm)
+                waker.sleep(self._backoff.next())
+                continue
+            self._after_stream()
+            close_pcm(pcm)

@@ -61,8 +61,14 @@ import numpy as np
 import numpy.typing as npt
 
 from daemon.config import PlaybackConfig
-from daemon.errors import AudioDeviceError
-from hw.alsa_pcm import Backoff, PcmPoller, RateLimitedLog, Waker, is_no_device, open_pcm
+from hw.alsa_pcm import (
+    Backoff,
+    DeviceWorker,
+    PcmPoller,
+    RateLimitedLog,
+    Stalled,
+    Waker,
+)
 from hw.audio import (
     RATE,
     SAMPLE_BYTES,
@@ -77,7 +83,6 @@ from hw.resample import Resampler
 
 log = logging.getLogger(__name__)
 
-FAILED_AFTER = 3
 _DONE_KEEP = 256  # finished items whose played count stays queryable
 
 
@@ -86,10 +91,6 @@ class GainSource(Protocol):
 
     @property
     def gain(self) -> float: ...
-
-
-class _Stalled(Exception):
-    pass
 
 
 @dataclass
@@ -120,8 +121,10 @@ class _Item:
         return total
 
 
-class AlsaPlayback:
+class AlsaPlayback(DeviceWorker):
     """Play 24 kHz mono S16_LE reply audio on ``cfg.device``."""
+
+    direction = "playback"
 
     def __init__(self, cfg: PlaybackConfig, *, volume: GainSource | None = None,
                  stall_timeout_s: float = 0.5, stall_reopen_s: float = 2.0,
@@ -318,53 +321,10 @@ class AlsaPlayback:
 
     # --- the worker thread --------------------------------------------------------------
 
-    def _set(self, **kw: Any) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, "_" + k, v)
-
     def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
-        failures = 0
-        first = True
-        while not self._stop.is_set():
-            try:
-                pcm = open_pcm(
-                    "playback", self.cfg.device, rate=self.cfg.rate,
-                    channels=self.cfg.channels, fmt=self.cfg.format,
-                    period_frames=self.cfg.period_frames, buffer_frames=self.cfg.buffer_frames,
-                )
-            except AudioDeviceError as exc:
-                failures += 1
-                msg = str(exc)
-                if msg != self._last_error:
-                    log.error("%s (retrying every %.1f s at most)", msg, self._backoff.cap)
-                self._set(state="failed" if failures >= FAILED_AFTER else "reopening",
-                          last_error=msg)
-                self._waker.sleep(self._backoff.next())
-                continue
-            if not first:
-                with self._lock:
-                    self._reopens += 1
-                log.info("playback device %r reopened", self.cfg.device)
-            first = False
-            failures = 0
-            self._set(state="running", last_progress=time.monotonic())
-            try:
-                self._stream(pcm, loop)
-            except (alsaaudio.ALSAAudioError, _Stalled) as exc:
-                what = ("vanished" if is_no_device(exc) else
-                        "stalled" if isinstance(exc, _Stalled) else "failed")
-                msg = f"playback device {self.cfg.device!r} {what}: {exc}; reopening"
-                log.warning("%s", msg)
-                self._set(state="reopening", last_error=msg)
-                self._leave_stream()
-                _close(pcm)
-                self._waker.sleep(self._backoff.next())
-                continue
-            self._leave_stream()
-            _close(pcm)
+        self._serve_device(loop, self._waker)
 
-    def _leave_stream(self) -> None:
+    def _after_stream(self) -> None:
         with self._lock:
             self._streaming = False
             # audio still in the closed device's buffer was never heard
@@ -471,7 +431,7 @@ class AlsaPlayback:
                         self._state = "stalled"
                         self._last_error = msg
                 if now - last_move > self.stall_reopen_s:
-                    raise _Stalled(f"no progress for {now - last_move:.1f} s")
+                    raise Stalled(f"no progress for {now - last_move:.1f} s")
             done: list[tuple[str, int]] = []
             with self._lock:
                 self._heard24 = heard24
@@ -580,12 +540,5 @@ class AlsaPlayback:
             time.monotonic(), "playback underrun on %r (total %d): reply audio arrived too "
             "late; raise audio.playback.preroll_ms if this repeats", self.cfg.device, n,
         )
-
-
-def _close(pcm: Any) -> None:
-    with contextlib.suppress(alsaaudio.ALSAAudioError):
-        pcm.drop()
-    with contextlib.suppress(alsaaudio.ALSAAudioError):
-        pcm.close()
 
 

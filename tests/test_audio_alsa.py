@@ -18,7 +18,7 @@ import alsaaudio
 import numpy as np
 import pytest
 
-import hw.alsa_playback
+import hw.alsa_pcm
 from daemon.config import CaptureConfig, PlaybackConfig
 from daemon.errors import AudioDeviceError
 from hw.alsa_capture import AlsaCapture
@@ -197,7 +197,7 @@ async def test_stop_without_fade_leaves_a_healthy_idle_stream(alsa_env: FakeAlsa
                 return -77  # -EBADFD: snd_pcm_hwsync() on a kernel PCM in SETUP
             return int(self._pcm.avail())
 
-    monkeypatch.setattr(hw.alsa_playback, "open_pcm",
+    monkeypatch.setattr(hw.alsa_pcm, "open_pcm",
                         lambda *a, **k: KernelLikeSetup(open_pcm(*a, **k)))
     pb = AlsaPlayback(PlaybackConfig(device="spk"), stall_timeout_s=0.3, stall_reopen_s=0.8)
     done: list[tuple[str, int]] = []
