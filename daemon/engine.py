@@ -176,6 +176,7 @@ INAUDIBLE = "[inaudible]"
 UNTRANSCRIBED = "[speech, not transcribed]"
 CANCELLED_TOOL_OUTPUT = '{"error": "cancelled: the user interrupted"}'
 CANCELLED_TOOL_HISTORY = "[cancelled by the user; no result]"
+_CALLS_REMEMBERED = 256  # call ids kept for de-duplication
 
 
 @dataclass(frozen=True)
@@ -429,7 +430,9 @@ class Conversation:
         self._items: dict[str, _Item] = {}
         self._stopping: set[str] = set()
         self._calls: dict[str, _Call] = {}
-        self._calls_seen: set[str] = set()
+        # Ordered set of recent call ids: a call is reported by several events
+        # (arguments.done, output_item.done, response.done); bounded for months of uptime.
+        self._calls_seen: dict[str, None] = {}
         self._batch: _Batch | None = None
         self._indicator: IndicatorState | None = None
         self._last_latency_ms: float | None = None
@@ -1387,7 +1390,9 @@ class Conversation:
         call_id = _str(data.get("call_id"))
         if not call_id or call_id in self._calls_seen:
             return
-        self._calls_seen.add(call_id)
+        self._calls_seen[call_id] = None
+        if len(self._calls_seen) > _CALLS_REMEMBERED:
+            del self._calls_seen[next(iter(self._calls_seen))]
         item_id = _str(data.get("item_id")) or _str(data.get("id"))
         name = _str(data.get("name"))
         arguments = _str(data.get("arguments"))

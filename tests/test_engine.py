@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
+from daemon import engine
 from daemon.config import ApiConfig, HistoryConfig, ReconnectConfig, SessionConfig
 from daemon.engine import (
     Action,
@@ -780,6 +781,33 @@ def test_function_call_round_trip_with_dedupe_and_history_order() -> None:
     ]
     assert h.history()[1].call_id == "call_1" and h.history()[1].name == "get_time"
     assert sum(1 for a in h.log[m:] if isinstance(a, RecordUsage)) == 2
+
+
+def test_call_ids_remembered_for_dedupe_stay_bounded_over_many_turns() -> None:
+    h = ready()
+    turns = engine._CALLS_REMEMBERED + 40
+    for i in range(turns):
+        h.talk()
+        rid = tool_response(h, 1, call_id=f"call_{i}", user_item=f"u{i}")
+        h.ev(1, h.srv.response_done(rid))
+        h.tool_result(f"call_{i}", "ok")
+        _rid, item = h.reply(1, "done")
+        h.finished(item, 480)
+        if i % 2:  # every other transcript never comes: its wait times out
+            h.ev(1, h.srv.transcript(f"u{i}", "what time is it"))
+        h.advance(1.0)
+    h.advance(60.0)
+    assert len(h.since(0, RunTool)) == turns
+    # Months of uptime: nothing per-turn piles up in the engine.
+    assert len(h.conv._calls_seen) <= engine._CALLS_REMEMBERED
+    assert len(h.conv._items) <= 2 and len(h.conv._calls) == 0
+    assert len(h.conv._user_items) == 0
+    assert len(h.conv.history) <= 2 * h.conv._hcfg.max_items + 64
+    # The newest calls are still recognised when the server repeats them.
+    m = h.mark()
+    h.talk()
+    rid = tool_response(h, 1, call_id=f"call_{turns - 1}", user_item="again")
+    assert h.since(m, RunTool) == []
 
 
 def test_tool_thinking_indicator_and_error_output_passes_through() -> None:
