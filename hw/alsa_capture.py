@@ -34,7 +34,6 @@ Faults
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -114,49 +113,9 @@ class AlsaCapture(DeviceWorker):
     # --- the owner task ---------------------------------------------------------------
 
     async def run(self, sink: Callable[[bytes], None]) -> None:
-        loop = asyncio.get_running_loop()
         self._sink = sink
-        self._stop.clear()
         self._waker = Waker()
-        done: asyncio.Future[BaseException | None] = loop.create_future()
-
-        def finished(exc: BaseException | None) -> None:
-            if not done.done():
-                done.set_result(exc)
-
-        def main() -> None:
-            exc: BaseException | None = None
-            try:
-                self._thread_main(loop)
-            except BaseException as e:  # reported to run(), which re-raises
-                exc = e
-            finally:
-                with contextlib.suppress(RuntimeError):  # loop already closed
-                    loop.call_soon_threadsafe(finished, exc)
-
-        thread = threading.Thread(target=main, name=f"alsa-capture:{self.cfg.device}",
-                                  daemon=True)
-        thread.start()
-        try:
-            exc = await asyncio.shield(done)
-            if exc is not None:
-                raise exc
-            raise RuntimeError("capture thread ended without being stopped")  # not reached
-        finally:
-            self._stop.set()
-            self._waker.wake()
-            if not done.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(done), self.join_timeout_s)
-                except TimeoutError:
-                    log.error(
-                        "capture thread for %r did not stop within %.1f s (device hung in a "
-                        "read); abandoning it", self.cfg.device, self.join_timeout_s,
-                    )
-            with self._lock:
-                self._state = "stopped"
-            if not thread.is_alive():
-                self._waker.close()
+        await self._run_worker(self._waker, close_waker=True)
 
     def _deliver(self, chunk: bytes) -> None:
         """On the loop: hand one chunk to the sink."""
@@ -165,10 +124,6 @@ class AlsaCapture(DeviceWorker):
         self._sink(chunk)
 
     # --- the worker thread --------------------------------------------------------------
-
-    def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
-        assert self._waker is not None
-        self._serve_device(loop, self._waker)
 
     def _stream(self, pcm: Any, loop: asyncio.AbstractEventLoop) -> None:
         assert self._waker is not None

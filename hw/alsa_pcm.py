@@ -7,6 +7,7 @@ wake-up pipe that lets the event loop interrupt a worker thread's ``poll()``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -322,11 +323,65 @@ class DeviceWorker:
 
     direction: Direction
     cfg: Any  # CaptureConfig | PlaybackConfig: device, rate, channels, format, frames
+    join_timeout_s: float
     _lock: threading.Lock
     _stop: threading.Event
     _backoff: Backoff
+    _state: str
     _last_error: str
     _reopens: int
+
+    async def _run_worker(self, waker: Waker, *, close_waker: bool) -> None:
+        """The owner task's body: serve the device on a worker thread until cancelled.
+
+        This is the boundary between the thread and the loop: the thread hands its end
+        (an exception, or None) back with ``call_soon_threadsafe``, and the loop never
+        waits on ALSA.  Cancelling stops the thread and waits up to ``join_timeout_s``;
+        a thread stuck in a driver call is abandoned (it is a daemon thread) rather than
+        hanging the daemon's shutdown.
+        """
+        loop = asyncio.get_running_loop()
+        self._stop.clear()
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def finished(exc: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(exc)
+
+        def main() -> None:
+            exc: BaseException | None = None
+            try:
+                self._serve_device(loop, waker)
+            except BaseException as e:  # re-raised by the owner task
+                exc = e
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(finished, exc)
+
+        thread = threading.Thread(target=main, name=f"alsa-{self.direction}:{self.cfg.device}",
+                                  daemon=True)
+        thread.start()
+        try:
+            exc = await asyncio.shield(done)
+            if exc is not None:
+                raise exc
+            raise RuntimeError(f"{self.direction} thread ended without being stopped")
+        finally:
+            self._stop.set()
+            waker.wake()
+            if not done.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), self.join_timeout_s)
+                except TimeoutError:
+                    log.error(
+                        "%s thread for %r did not stop within %.1f s (the device hung in a "
+                        "driver call); abandoning it",
+                        self.direction, self.cfg.device, self.join_timeout_s,
+                    )
+            with self._lock:
+                self._state = "stopped"
+            if close_waker and not thread.is_alive():
+                waker.close()
 
     def _set(self, **kw: Any) -> None:
         with self._lock:

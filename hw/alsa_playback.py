@@ -45,7 +45,6 @@ not mistaken for a device that stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import math
@@ -281,48 +280,10 @@ class AlsaPlayback(DeviceWorker):
     # --- the owner task ---------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._stop.clear()
-        done: asyncio.Future[BaseException | None] = loop.create_future()
-
-        def finished(exc: BaseException | None) -> None:
-            if not done.done():
-                done.set_result(exc)
-
-        def main() -> None:
-            exc: BaseException | None = None
-            try:
-                self._thread_main(loop)
-            except BaseException as e:  # re-raised by run()
-                exc = e
-            finally:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(finished, exc)
-
-        thread = threading.Thread(target=main, name=f"alsa-playback:{self.cfg.device}",
-                                  daemon=True)
-        thread.start()
-        try:
-            exc = await asyncio.shield(done)
-            if exc is not None:
-                raise exc
-            raise RuntimeError("playback thread ended without being stopped")
-        finally:
-            self._stop.set()
-            self._waker.wake()
-            if not done.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(done), self.join_timeout_s)
-                except TimeoutError:
-                    log.error("playback thread for %r did not stop within %.1f s",
-                              self.cfg.device, self.join_timeout_s)
-            with self._lock:
-                self._state = "stopped"
+        # The waker lives as long as the device: play() and stop() wake the worker.
+        await self._run_worker(self._waker, close_waker=False)
 
     # --- the worker thread --------------------------------------------------------------
-
-    def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._serve_device(loop, self._waker)
 
     def _after_stream(self) -> None:
         with self._lock:
