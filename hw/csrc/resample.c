@@ -80,6 +80,54 @@ static void design_kaiser(double *h, unsigned N, double fc, double beta) {
 
 /* ---- equiripple (Parks-McClellan / Remez exchange) low-pass design ---------------------- */
 
+/* Remez step: the interpolant through the r+1 extremal grid points ext.  Writes their
+ * abscissae xe, barycentric weights b (scaled in the log domain against overflow), the
+ * levelled values c, and the ripple delta; scratch holds r+1 doubles.  Returns -1 when two
+ * extremals coincide (the design has failed), else 0. */
+static int remez_fit(int r, const int *ext, const double *gx, const double *gd,
+                     const double *gw, double *xe, double *b, double *c, double *scratch,
+                     double *delta) {
+    double lmax = -1e300;
+    for (int k = 0; k <= r; k++) xe[k] = gx[ext[k]];
+    for (int k = 0; k <= r; k++) {
+        double lg = 0.0;
+        int neg = 0;
+        for (int i = 0; i <= r; i++) {
+            if (i == k) continue;
+            double d = xe[k] - xe[i];
+            if (d == 0.0) return -1;
+            if (d < 0) neg ^= 1;
+            lg -= log(fabs(d));
+        }
+        c[k] = neg ? -1.0 : 1.0;
+        scratch[k] = lg;
+        if (lg > lmax) lmax = lg;
+    }
+    for (int k = 0; k <= r; k++) b[k] = c[k] * exp(scratch[k] - lmax);
+    double num = 0.0, den = 0.0;
+    for (int k = 0; k <= r; k++) {
+        num += b[k] * gd[ext[k]];
+        den += b[k] * ((k & 1) ? -1.0 : 1.0) / gw[ext[k]];
+    }
+    *delta = num / den;
+    for (int k = 0; k <= r; k++)
+        c[k] = gd[ext[k]] - ((k & 1) ? -1.0 : 1.0) * *delta / gw[ext[k]];
+    return 0;
+}
+
+/* The fitted interpolant at x (barycentric form; exact at the extremals). */
+static double remez_eval(int r, double x, const double *xe, const double *b, const double *c) {
+    double sn = 0.0, sd = 0.0;
+    for (int k = 0; k <= r; k++) {
+        double d = x - xe[k];
+        if (d == 0.0) return c[k];
+        double t = b[k] / d;
+        sn += t * c[k];
+        sd += t;
+    }
+    return sn / sd;
+}
+
 /* Type I (N odd) linear-phase low-pass: passband [0, fp], stopband [fs, 0.5] (cycles per
  * sample), weights wp, ws. Writes h[0..N), returns the weighted ripple |delta| (passband
  * ripple delta/wp, stopband delta/ws) or a negative value on failure. */
@@ -112,49 +160,10 @@ static double remez_lowpass(double *h, unsigned N, double fp, double fs, double 
     for (int i = 0; i <= r; i++) ext[i] = (int)((long)i * (ng - 1) / r);
     double delta = 0.0;
     for (int iter = 0; iter < 200; iter++) {
-        /* barycentric weights over the r+1 extremal points, scaled in the log domain */
-        double lmax = -1e300;
-        for (int k = 0; k <= r; k++) xe[k] = gx[ext[k]];
-        for (int k = 0; k <= r; k++) {
-            double lg = 0.0;
-            int neg = 0;
-            for (int i = 0; i <= r; i++) {
-                if (i == k) continue;
-                double d = xe[k] - xe[i];
-                if (d == 0.0) goto done;
-                if (d < 0) neg ^= 1;
-                lg -= log(fabs(d));
-            }
-            b[k] = neg ? -lg : lg; /* temporarily: signed log */
-            c[k] = neg ? -1.0 : 1.0;
-            if (lg > lmax) lmax = lg;
-            ge[k] = lg; /* scratch */
-        }
-        for (int k = 0; k <= r; k++) b[k] = c[k] * exp(ge[k] - lmax);
-        double num = 0.0, den = 0.0;
-        for (int k = 0; k <= r; k++) {
-            num += b[k] * gd[ext[k]];
-            den += b[k] * ((k & 1) ? -1.0 : 1.0) / gw[ext[k]];
-        }
-        delta = num / den;
-        for (int k = 0; k <= r; k++)
-            c[k] = gd[ext[k]] - ((k & 1) ? -1.0 : 1.0) * delta / gw[ext[k]];
+        if (remez_fit(r, ext, gx, gd, gw, xe, b, c, ge, &delta) != 0) goto done;
         /* error on the grid */
         for (int g = 0; g < ng; g++) {
-            double x = gx[g], sn = 0.0, sd = 0.0, A = 0.0;
-            int hit = -1;
-            for (int k = 0; k <= r; k++) {
-                double d = x - xe[k];
-                if (d == 0.0) {
-                    hit = k;
-                    break;
-                }
-                double t = b[k] / d;
-                sn += t * c[k];
-                sd += t;
-            }
-            A = hit >= 0 ? c[hit] : sn / sd;
-            ge[g] = gw[g] * (gd[g] - A);
+            ge[g] = gw[g] * (gd[g] - remez_eval(r, gx[g], xe, b, c));
         }
         /* local extrema of the error (band edges count), signs alternating */
         int nc = 0;
@@ -193,46 +202,8 @@ static double remez_lowpass(double *h, unsigned N, double fp, double fs, double 
     }
     /* recompute the interpolant on the final extremals and sample it at 2*pi*j/N */
     {
-        double lmax = -1e300;
-        for (int k = 0; k <= r; k++) xe[k] = gx[ext[k]];
-        for (int k = 0; k <= r; k++) {
-            double lg = 0.0;
-            int neg = 0;
-            for (int i = 0; i <= r; i++) {
-                if (i == k) continue;
-                double d = xe[k] - xe[i];
-                if (d == 0.0) goto done;
-                if (d < 0) neg ^= 1;
-                lg -= log(fabs(d));
-            }
-            c[k] = neg ? -1.0 : 1.0;
-            ge[k] = lg;
-            if (lg > lmax) lmax = lg;
-        }
-        for (int k = 0; k <= r; k++) b[k] = c[k] * exp(ge[k] - lmax);
-        double num = 0.0, den = 0.0;
-        for (int k = 0; k <= r; k++) {
-            num += b[k] * gd[ext[k]];
-            den += b[k] * ((k & 1) ? -1.0 : 1.0) / gw[ext[k]];
-        }
-        delta = num / den;
-        for (int k = 0; k <= r; k++)
-            c[k] = gd[ext[k]] - ((k & 1) ? -1.0 : 1.0) * delta / gw[ext[k]];
-        for (int j = 0; j < r; j++) {
-            double x = cos(2.0 * M_PI * j / N), sn = 0.0, sd = 0.0;
-            int hit = -1;
-            for (int k = 0; k <= r; k++) {
-                double d = x - xe[k];
-                if (d == 0.0) {
-                    hit = k;
-                    break;
-                }
-                double t = b[k] / d;
-                sn += t * c[k];
-                sd += t;
-            }
-            a[j] = hit >= 0 ? c[hit] : sn / sd;
-        }
+        if (remez_fit(r, ext, gx, gd, gw, xe, b, c, ge, &delta) != 0) goto done;
+        for (int j = 0; j < r; j++) a[j] = remez_eval(r, cos(2.0 * M_PI * j / N), xe, b, c);
         double cc = (N - 1) / 2.0;
         for (unsigned n = 0; n < N; n++) {
             double s = a[0];
