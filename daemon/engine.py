@@ -18,7 +18,9 @@ Design (details in the class docstring of :class:`Conversation`):
 * Turns. A press captures audio into a ``_Turn``; while a session is ready the audio is
   streamed as ``input_audio_buffer.append`` chunks, otherwise it is kept (bounded by
   ``session.offline_buffer_s``) and sent when a session is ready. A committed turn keeps
-  its audio until its reply is heard, so it can be replayed on a new session.
+  its audio until its reply is heard, so it can be replayed on a new session, and until
+  its transcript came: if the link drops first, the next session is given the audio to
+  transcribe (commit, no response), so the user's words still reach the history.
 * Responses. At most one ``response.create`` is in flight; requests are queued (one
   pending flag) and sent only when no response is active, nobody holds the button and no
   interrupted item is waiting for its truncation.
@@ -177,6 +179,7 @@ UNTRANSCRIBED = "[speech, not transcribed]"
 CANCELLED_TOOL_OUTPUT = '{"error": "cancelled: the user interrupted"}'
 CANCELLED_TOOL_HISTORY = "[cancelled by the user; no result]"
 _CALLS_REMEMBERED = 256  # call ids kept for de-duplication
+_TRANSCRIPT_TRIES = 3  # sessions asked to transcribe a turn whose reply was heard
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ class _Turn:
     user_slot: _Slot | None = None
     user_item_id: str = ""
     latency_ms: float | None = None
+    transcript_tries: int = 1
 
 
 @dataclass(eq=False)
@@ -423,6 +427,9 @@ class Conversation:
         self._capture: _Turn | None = None
         self._unsent: list[_Turn] = []
         self._awaiting_answer: list[_Turn] = []
+        # Answered turns whose transcript was lost with their link: their audio is sent
+        # again (commit, no response) on the next session, to be transcribed there.
+        self._retranscribe: list[_Turn] = []
         self._user_items: dict[str, _Turn] = {}
         self._resp: _Response | None = None
         self._resp_queued = False
@@ -464,6 +471,9 @@ class Conversation:
             self._capture.state = "dropped"
             self._capture = None
         self._shut = True
+        for turn in self._retranscribe:
+            self._give_up_transcript(turn)
+        self._retranscribe.clear()
         for conn_id in list(self._links):
             self._emit(Close(conn_id))
         self._links.clear()
@@ -800,6 +810,8 @@ class Conversation:
         self._emit_history()  # first: _sync below must see every finished entry
         link = self._active
         if link is not None and self._fatal is None:
+            if self._retranscribe:
+                self._flush_retranscribe(link, now)
             if self._unsent:
                 self._flush_unsent(link, now)
             turn = self._capture
@@ -938,6 +950,9 @@ class Conversation:
             if turn.user_slot is not None:
                 turn.user_slot.skip = True
         self._unsent.clear()
+        for turn in self._retranscribe:
+            self._give_up_transcript(turn)
+        self._retranscribe.clear()
         self._capture = None
         self._resp = None
         self._resp_queued = False
@@ -990,13 +1005,30 @@ class Conversation:
             self._unsent[:0] = replay
             self._notice("warning", "unanswered turn will be replayed on the next session",
                          turns=[t.turn_id for t in replay])
-        # Transcripts that can no longer arrive.
+        # Transcripts that can no longer arrive: an answered turn's audio is transcribed
+        # on the next session (what the user said is kept), anything else is inaudible.
+        pending = [t for t in link.awaiting_commit if t.state == "answered"]
         for item_id, t in list(self._user_items.items()):
             if t.link_id == cid:
                 del self._user_items[item_id]
-                if t.user_slot is not None and t.user_slot.text is None:
-                    t.user_slot.text = INAUDIBLE
-                    t.user_slot.deadline = None
+                pending.append(t)
+        link.awaiting_commit.clear()
+        for t in pending:
+            user_slot = t.user_slot
+            if user_slot is None or user_slot.text is not None:
+                continue
+            user_slot.deadline = None
+            if t.state == "answered" and t.audio and t.transcript_tries < _TRANSCRIPT_TRIES:
+                t.transcript_tries += 1
+                t.link_id = None
+                t.sent = 0
+                t.user_item_id = ""
+                t.expires_at = now + self._session.offline_buffer_s
+                self._retranscribe.append(t)
+                self._notice("info", "transcript lost with the session; the turn's audio "
+                             "will be transcribed on the next one", turn_id=t.turn_id)
+            else:
+                user_slot.text = INAUDIBLE
         if self._batch is not None and self._batch.conn_id == cid:
             for call in self._batch.calls:
                 call.sent = False
@@ -1188,6 +1220,24 @@ class Conversation:
                 # Safety net should input_audio_buffer.committed never come.
                 slot.deadline = now + 2 * self._transcript_wait(turn)
 
+    def _flush_retranscribe(self, link: _Link, now: float) -> None:
+        """Commit kept audio of answered turns with no ``response.create``: the session
+        transcribes it and the user item stands where it belongs, before the delta-seeded
+        reply that was heard."""
+        turns, self._retranscribe = self._retranscribe, []
+        for turn in turns:
+            self._sync(link)
+            turn.link_id = link.conn_id
+            turn.expires_at = None
+            self._flush_appends(turn, final=True)
+            self._send(link, self._dialect.commit())
+            link.awaiting_commit.append(turn)
+            slot = turn.user_slot
+            if slot is not None:
+                slot.origin = link.conn_id
+                slot.session_id = link.session_id
+                slot.deadline = now + 2 * self._transcript_wait(turn)
+
     def _flush_unsent(self, link: _Link, now: float) -> None:
         turns, self._unsent = self._unsent, []
         for turn in turns:
@@ -1226,12 +1276,23 @@ class Conversation:
                          error=_str(_dict(ev.get("error")).get("message")))
         turn.user_slot.text = text or INAUDIBLE
         turn.user_slot.deadline = None
+        if turn.state == "answered":
+            turn.audio = bytearray()
+
+    def _give_up_transcript(self, turn: _Turn) -> None:
+        if turn.user_slot is not None and turn.user_slot.text is None:
+            turn.user_slot.text = INAUDIBLE
+            turn.user_slot.deadline = None
+        turn.audio = bytearray()
 
     def _commit_failed(self, link: _Link) -> None:
         """``input_audio_buffer_commit_empty``: the turn is gone; so is its response."""
         if not link.awaiting_commit:
             return
         turn = link.awaiting_commit.popleft()
+        if turn.state == "answered":  # a re-transcription; the turn itself stands
+            self._give_up_transcript(turn)
+            return
         turn.state = "dropped"
         if turn.user_slot is not None:
             turn.user_slot.skip = True
@@ -1312,7 +1373,10 @@ class Conversation:
             if turn in self._awaiting_answer:
                 self._awaiting_answer.remove(turn)
             turn.state = "answered"
-            turn.audio = bytearray()
+            if turn.user_slot is None or turn.user_slot.text is not None:
+                turn.audio = bytearray()
+            # else kept until the transcript comes: should the link drop first, the
+            # audio is transcribed on the next session (_on_active_lost)
 
     def _item_for(self, resp: _Response, item_id: str, now: float) -> _Item:
         item = resp.items.get(item_id)
@@ -1763,6 +1827,10 @@ class Conversation:
             and now - turn.offline_since >= self._session.offline_buffer_s
         ):
             self._overflow(turn)
+        for t in [t for t in self._retranscribe
+                  if t.expires_at is not None and now >= t.expires_at]:
+            self._retranscribe.remove(t)
+            self._give_up_transcript(t)
         keep: list[_Turn] = []
         for t in self._unsent:
             if t.expires_at is not None and now >= t.expires_at:

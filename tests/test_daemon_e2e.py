@@ -211,6 +211,31 @@ async def test_reconnect_after_drop_reseeds_and_keeps_working(tmp_path: Path) ->
         assert roles.index(("user", "first question")) < roles.index(("user", "second question"))
 
 
+async def test_words_whose_transcript_was_lost_with_the_link_are_kept(tmp_path: Path) -> None:
+    # The reply is partly heard, then the link drops before the user's transcript came:
+    # the new session transcribes the same audio (no second answer) and history keeps it.
+    script = Script(user_transcripts=["how far is the moon"] * 2 + ["thanks"],
+                    transcription_delay_s=1.0,
+                    faults=[Fault("drop", at="response", after_deltas=12, turn=0)])
+    async with rig(tmp_path, script) as r:
+        await r.say("how far is the moon")
+        await r.server.wait_connections(2, timeout=10)
+        await r.wait(lambda: any(e.role == "user" for e in r.daemon.history.entries()), 10)
+        await r.idle()
+        appended = [e["audio"] for e in r.server.events("input_audio_buffer.append")]
+        assert appended[: len(appended) // 2] == appended[len(appended) // 2:]
+        assert r.server.events("response.create", connection=1) == []
+        await r.say("thanks")
+        await r.idle()
+        entries = [(e.role, e.interrupted) for e in r.daemon.history.entries()]
+        texts = [e.text for e in r.daemon.history.entries()]
+        assert texts[0] == "how far is the moon" and entries[:2] == [
+            ("user", False), ("assistant", True)]
+        assert texts[2] == "thanks"
+        # One answer per question: the re-transcription asked for none.
+        assert len(r.server.events("response.create")) == 2
+
+
 async def test_session_expired_close_1001_reconnects(tmp_path: Path) -> None:
     script = Script(user_transcripts=["hello"], expire_after_s={0: 2.5})
     async with rig(tmp_path, script) as r:

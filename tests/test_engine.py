@@ -1063,6 +1063,74 @@ def test_reply_in_flight_when_link_drops_records_what_was_heard() -> None:
     assert seeded_texts(h.sent(c.conn_id))[-1] == ("assistant", "one two three four")
 
 
+def test_transcript_lost_with_the_link_is_made_on_the_next_session() -> None:
+    # The reply was partly heard, but the user's transcript had not come when the link
+    # dropped: the turn's audio is committed again (no response) on the next session.
+    h = ready()
+    h.talk(600)
+    said = b"".join(base64.b64decode(e["audio"]) for e in h.sent(1)
+                    if e["type"] == "input_audio_buffer.append")
+    _rid, item = h.reply(1, "one two three four five six seven eight", 24000,
+                         user_item="u1", done=False)
+    m = h.mark()
+    h.closed(1, 1006)
+    h.finished(item, 12000)
+    assert h.history(m) == []  # the user's words are not given up as inaudible
+    (c,) = h.connects(m)
+    m2 = h.mark()
+    h.open(c.conn_id)
+    sent = h.sent(c.conn_id, m2)
+    types = [e["type"] for e in sent]
+    assert "response.create" not in types
+    assert types[-1] == "input_audio_buffer.commit"
+    again = b"".join(base64.b64decode(e["audio"]) for e in sent
+                     if e["type"] == "input_audio_buffer.append")
+    assert again == said
+    h.ev(c.conn_id, h.srv.committed("u1b"))
+    h.ev(c.conn_id, h.srv.transcript("u1b", "count to eight"))
+    assert [(e.role, e.text, e.interrupted) for e in h.history(m)] == [
+        ("user", "count to eight", False), ("assistant", "one two three four", True)]
+    # The user item is the session's own; the heard reply follows it as text.
+    m3 = h.mark()
+    h.talk()
+    seeded = seeded_texts(h.sent(c.conn_id, m3))
+    assert seeded == [("assistant", "one two three four")]
+
+
+def test_a_flapping_link_gives_up_on_a_lost_transcript_after_a_few_sessions() -> None:
+    h = ready()
+    h.talk(600)
+    _rid, item = h.reply(1, "one two", 4800, user_item="u1", done=False)
+    h.finished(item, 4800)
+    m = h.mark()
+    conn, commits = 1, 0
+    for _ in range(engine._TRANSCRIPT_TRIES + 2):
+        mark = h.mark()
+        h.closed(conn, 1006)
+        (c,) = h.connects(mark)
+        conn = c.conn_id
+        h.open(conn)
+        commits += h.sent_types(conn, mark).count("input_audio_buffer.commit")
+        h.ev(conn, h.srv.committed(f"u{conn}"))
+    assert commits == engine._TRANSCRIPT_TRIES - 1
+    assert [(e.role, e.text) for e in h.history(m)] == [
+        ("user", "[inaudible]"), ("assistant", "one two")]
+
+
+def test_lost_transcript_becomes_inaudible_when_no_session_comes_back() -> None:
+    h = ready()
+    h.talk(600)
+    _rid, item = h.reply(1, "one two", 4800, user_item="u1", done=False)
+    m = h.mark()
+    h.closed(1, 1006)
+    h.finished(item, 4800)
+    for c in h.connects(m):
+        h.failed(c.conn_id)
+    h.advance(h.conv._session.offline_buffer_s + 1)
+    assert [(e.role, e.text) for e in h.history(m)][:1] == [("user", "[inaudible]")]
+    assert h.conv._retranscribe == []
+
+
 def test_tool_results_after_link_loss_reach_the_new_session_as_text() -> None:
     h = ready()
     h.talk()
