@@ -248,6 +248,7 @@ class _Slot:
     interrupted: bool = False
     deadline: float | None = None
     skip: bool = False
+    sent_to: set[int] = field(default_factory=set)  # links given it early (see _sync)
 
 
 _TurnState = Literal["capturing", "unsent", "committed", "answered", "dropped"]
@@ -404,7 +405,8 @@ class Conversation:
 
         self._out: list[Action] = []
         self.history: list[HistoryEntry] = list(initial_history)
-        self._origins: list[int] = [0] * len(self.history)
+        # Per history entry, the links that already have it (where it happened, or sent).
+        self._holders: list[set[int]] = [set() for _ in self.history]
         self._outbox: deque[_Slot] = deque()
 
         self._links: dict[int, _Link] = {}
@@ -1018,7 +1020,12 @@ class Conversation:
             if user_slot is None or user_slot.text is not None:
                 continue
             user_slot.deadline = None
-            if t.state == "answered" and t.audio and t.transcript_tries < _TRANSCRIPT_TRIES:
+            if (
+                t.state == "answered"
+                and t.audio
+                and self._session.transcription_model
+                and t.transcript_tries < _TRANSCRIPT_TRIES
+            ):
                 t.transcript_tries += 1
                 t.link_id = None
                 t.sent = 0
@@ -1107,11 +1114,26 @@ class Conversation:
             link.seed_events[event_id] = item_id
 
     def _sync(self, link: _Link) -> None:
-        """Send ``link`` the entries recorded elsewhere since its seed (delta seeding)."""
+        """Send ``link`` the entries recorded elsewhere since its seed (delta seeding).
+
+        Finished entries still in the outbox are sent too when all that is pending before
+        them already happened on this link (a turn being transcribed there): the model
+        must hear the reply and tool results of that turn before it is asked anything.
+        """
         for idx in range(link.synced_upto, len(self.history)):
-            if self._origins[idx] != link.conn_id:
+            if link.conn_id not in self._holders[idx]:
                 self._send_entry(link, self.history[idx], ack=False)
         link.synced_upto = len(self.history)
+        for slot in self._outbox:
+            if slot.skip:
+                continue
+            if slot.text is None:
+                if slot.origin == link.conn_id:
+                    continue
+                break
+            if slot.origin != link.conn_id and link.conn_id not in slot.sent_to:
+                self._send_entry(link, self._entry(slot), ack=False)
+                slot.sent_to.add(link.conn_id)
 
     # --- rotation -----------------------------------------------------------------------
 
@@ -1178,7 +1200,7 @@ class Conversation:
         return slot
 
     def _unsent_bytes(self) -> int:
-        total = sum(len(t.audio) for t in self._unsent)
+        total = sum(len(t.audio) for t in (*self._unsent, *self._retranscribe))
         turn = self._capture
         if turn is not None and turn.link_id is None:
             total += len(turn.audio)
@@ -1721,20 +1743,23 @@ class Conversation:
             slot = box.popleft()
             if slot.skip or slot.text is None:
                 continue
-            entry = HistoryEntry(
-                role=slot.role,
-                text=slot.text,
-                created_at=self._wall(slot.created_at),
-                session_id=slot.session_id,
-                turn_id=slot.turn_id,
-                call_id=slot.call_id,
-                name=slot.name,
-                interrupted=slot.interrupted,
-            )
+            entry = self._entry(slot)
             self.history.append(entry)
-            self._origins.append(slot.origin)
+            self._holders.append({slot.origin, *slot.sent_to})
             self._emit(RecordHistory(entry))
         self._prune_history()
+
+    def _entry(self, slot: _Slot) -> HistoryEntry:
+        return HistoryEntry(
+            role=slot.role,
+            text=slot.text or "",
+            created_at=self._wall(slot.created_at),
+            session_id=slot.session_id,
+            turn_id=slot.turn_id,
+            call_id=slot.call_id,
+            name=slot.name,
+            interrupted=slot.interrupted,
+        )
 
     def _prune_history(self) -> None:
         limit = 2 * self._hcfg.max_items + 64
@@ -1742,7 +1767,7 @@ class Conversation:
         if excess <= 0:
             return
         del self.history[:excess]
-        del self._origins[:excess]
+        del self._holders[:excess]
         for link in self._links.values():
             link.synced_upto = max(0, link.synced_upto - excess)
 

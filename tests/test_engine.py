@@ -1097,6 +1097,68 @@ def test_transcript_lost_with_the_link_is_made_on_the_next_session() -> None:
     assert seeded == [("assistant", "one two three four")]
 
 
+def test_heard_reply_reaches_the_new_session_before_a_turn_asked_meanwhile() -> None:
+    # The link drops mid-reply before u1's transcript; u2 interrupted the reply and was
+    # not answered.  The new session must hear the reply a1 before it is asked about u2,
+    # even though u1 is still being transcribed there.
+    h = ready()
+    h.talk(600)
+    rid, item = h.reply(1, "one two three four", 24000, user_item="u1", done=False)
+    h.press()
+    h.stopped(item, 12000)
+    h.audio(400)
+    h.release()
+    h.ev(1, h.srv.response_done(rid, status="cancelled"))
+    m = h.mark()
+    h.closed(1)
+    (c,) = h.connects(m)
+    m2 = h.mark()
+    h.open(c.conn_id)
+    sent = h.sent(c.conn_id, m2)
+    order = [(e["type"], e["item"]["content"][0]["text"])
+             if e["type"] == "conversation.item.create" else (e["type"], "")
+             for e in sent if e["type"] != "input_audio_buffer.append"]
+    assert order[-4:] == [
+        ("input_audio_buffer.commit", ""),  # u1 again, to be transcribed
+        ("conversation.item.create", "one two"),  # what was heard of a1
+        ("input_audio_buffer.commit", ""),  # u2, replayed
+        ("response.create", ""),
+    ]
+    h.ev(c.conn_id, h.srv.committed("u1b"))
+    h.ev(c.conn_id, h.srv.transcript("u1b", "count"))
+    m3 = h.mark()
+    h.ev(c.conn_id, h.srv.committed("u2b"))
+    h.ev(c.conn_id, h.srv.transcript("u2b", "stop"))
+    _rid, item2 = h.reply(c.conn_id, "Stopped.")
+    h.finished(item2, 4800)
+    assert [(e.role, e.text) for e in h.history(m)] == [
+        ("user", "count"), ("assistant", "one two"), ("user", "stop"),
+        ("assistant", "Stopped.")]
+    # Nothing was sent twice.
+    h.talk()
+    assert seeded_texts(h.sent(c.conn_id, m3)) == []
+
+
+def test_tool_results_reach_the_new_session_while_the_lost_transcript_is_made() -> None:
+    h = ready()
+    h.talk()
+    rid = tool_response(h, 1)
+    h.ev(1, h.srv.response_done(rid))
+    m = h.mark()
+    h.closed(1, 1006)
+    (c,) = h.connects(m)
+    h.tool_result("call_1", "12:00")
+    m2 = h.mark()
+    h.open(c.conn_id)
+    sent = h.sent(c.conn_id, m2)
+    types = [e["type"] for e in sent]
+    assert types[-1] == "response.create"
+    assert "input_audio_buffer.commit" in types
+    before = sent[types.index("input_audio_buffer.commit"):]
+    assert seeded_texts(before) == [("system", "[tool get_time called with {}]"),
+                                    ("system", "[tool get_time returned: 12:00]")]
+
+
 def test_a_flapping_link_gives_up_on_a_lost_transcript_after_a_few_sessions() -> None:
     h = ready()
     h.talk(600)
