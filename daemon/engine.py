@@ -1063,7 +1063,8 @@ class Conversation:
             link, self._dialect.session_update(self._session, self._tools_decl)
         )
         for entry in trim_history(self.history, self._hcfg.max_items, self._hcfg.max_chars):
-            self._send_entry(link, entry, ack=True)
+            if not self._replayed_as_audio(entry.role, entry.turn_id):
+                self._send_entry(link, entry, ack=True)
         link.synced_upto = len(self.history)
         self._check_ready(link, now)
 
@@ -1121,12 +1122,17 @@ class Conversation:
         must hear the reply and tool results of that turn before it is asked anything.
         """
         for idx in range(link.synced_upto, len(self.history)):
-            if link.conn_id not in self._holders[idx]:
-                self._send_entry(link, self.history[idx], ack=False)
+            entry = self.history[idx]
+            if link.conn_id not in self._holders[idx] and not self._replayed_as_audio(
+                entry.role, entry.turn_id
+            ):
+                self._send_entry(link, entry, ack=False)
         link.synced_upto = len(self.history)
         for slot in self._outbox:
             if slot.skip:
                 continue
+            if self._replayed_as_audio(slot.role, slot.turn_id):
+                break  # what follows it must wait for its commit
             if slot.text is None:
                 if slot.origin == link.conn_id:
                     continue
@@ -1134,6 +1140,12 @@ class Conversation:
             if slot.origin != link.conn_id and link.conn_id not in slot.sent_to:
                 self._send_entry(link, self._entry(slot), ack=False)
                 slot.sent_to.add(link.conn_id)
+
+    def _replayed_as_audio(self, role: Role, turn_id: str) -> bool:
+        """A user entry whose turn is about to be committed again (replayed on a new
+        session): it reaches that session as the audio, never also as text."""
+        return role == "user" and bool(turn_id) and any(
+            t.turn_id == turn_id for t in self._unsent)
 
     # --- rotation -----------------------------------------------------------------------
 
@@ -1261,10 +1273,11 @@ class Conversation:
                 slot.deadline = now + 2 * self._transcript_wait(turn)
 
     def _flush_unsent(self, link: _Link, now: float) -> None:
-        turns, self._unsent = self._unsent, []
+        turns = list(self._unsent)
         for turn in turns:
             turn.sent = 0
-            self._commit(link, turn, now)
+            self._commit(link, turn, now)  # its _sync must see the turns still to come
+            self._unsent.remove(turn)
         self._notice("info", "sent turns kept while offline", turns=[t.turn_id for t in turns])
         if self._capture is None:
             self._request_response(turns[-1])

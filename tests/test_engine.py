@@ -1118,6 +1118,7 @@ def test_heard_reply_reaches_the_new_session_before_a_turn_asked_meanwhile() -> 
     order = [(e["type"], e["item"]["content"][0]["text"])
              if e["type"] == "conversation.item.create" else (e["type"], "")
              for e in sent if e["type"] != "input_audio_buffer.append"]
+    assert seeded_texts(sent) == [("assistant", "one two")]
     assert order[-4:] == [
         ("input_audio_buffer.commit", ""),  # u1 again, to be transcribed
         ("conversation.item.create", "one two"),  # what was heard of a1
@@ -1139,6 +1140,32 @@ def test_heard_reply_reaches_the_new_session_before_a_turn_asked_meanwhile() -> 
     assert seeded_texts(h.sent(c.conn_id, m3)) == []
 
 
+def test_replayed_turn_reaches_the_new_session_once_as_audio_not_also_as_text() -> None:
+    # u2's transcript came but its answer had not started when the link dropped: u2 is
+    # replayed as audio on the next session, and must not also be seeded as text.
+    for u1_transcript_lost in (False, True):
+        h = ready()
+        h.talk(600)
+        _rid, item = h.reply(1, "one two three four", 24000, user_item="u1")
+        if not u1_transcript_lost:
+            h.ev(1, h.srv.transcript("u1", "count"))
+        h.finished(item, 24000)
+        h.talk(400)
+        h.ev(1, h.srv.committed("u2"))
+        h.ev(1, h.srv.transcript("u2", "what time is it"))
+        h.ev(1, h.srv.response_created("resp_x"))
+        m = h.mark()
+        h.closed(1)
+        (c,) = h.connects(m)
+        m2 = h.mark()
+        h.open(c.conn_id)
+        sent = h.sent(c.conn_id, m2)
+        assert ("user", "what time is it") not in seeded_texts(sent), u1_transcript_lost
+        assert [e["type"] for e in sent].count("input_audio_buffer.commit") == (
+            2 if u1_transcript_lost else 1)
+        assert [e["type"] for e in sent][-1] == "response.create"
+
+
 def test_tool_results_reach_the_new_session_while_the_lost_transcript_is_made() -> None:
     h = ready()
     h.talk()
@@ -1154,9 +1181,17 @@ def test_tool_results_reach_the_new_session_while_the_lost_transcript_is_made() 
     types = [e["type"] for e in sent]
     assert types[-1] == "response.create"
     assert "input_audio_buffer.commit" in types
-    before = sent[types.index("input_audio_buffer.commit"):]
-    assert seeded_texts(before) == [("system", "[tool get_time called with {}]"),
-                                    ("system", "[tool get_time returned: 12:00]")]
+    commit = types.index("input_audio_buffer.commit")
+    assert seeded_texts(sent[:commit]) == []  # the tool ran after the user spoke
+    assert seeded_texts(sent[commit:]) == [("system", "[tool get_time called with {}]"),
+                                           ("system", "[tool get_time returned: 12:00]")]
+    h.ev(c.conn_id, h.srv.committed("u1b"))
+    h.ev(c.conn_id, h.srv.transcript("u1b", "time?"))
+    assert [(e.role, e.text) for e in h.history(m)][:3] == [
+        ("user", "time?"), ("tool_call", "{}"), ("tool_output", "12:00")]
+    m3 = h.mark()
+    h.talk()
+    assert seeded_texts(h.sent(c.conn_id, m3)) == []  # nothing sent twice
 
 
 def test_a_flapping_link_gives_up_on_a_lost_transcript_after_a_few_sessions() -> None:
