@@ -355,10 +355,9 @@ static int pf_poll_revents(snd_pcm_ioplug_t *io, struct pollfd *pfd, unsigned in
 	return 0;
 }
 
-static int pf_close(snd_pcm_ioplug_t *io)
+/* Everything the plugin owns; also the open path's cleanup (fds start at -1). */
+static void pf_free(parleyfault_t *pf)
 {
-	parleyfault_t *pf = io->private_data;
-
 	if (pf->out_fd >= 0)
 		close(pf->out_fd);
 	if (pf->in_fd >= 0)
@@ -370,6 +369,11 @@ static int pf_close(snd_pcm_ioplug_t *io)
 	free(pf->outfile);
 	free(pf->infile);
 	free(pf);
+}
+
+static int pf_close(snd_pcm_ioplug_t *io)
+{
+	pf_free(io->private_data);
 	return 0;
 }
 
@@ -535,16 +539,7 @@ SND_PCM_PLUGIN_DEFINE_FUNC(parleyfault)
 	return 0;
 
 fail:
-	if (pf->out_fd >= 0)
-		close(pf->out_fd);
-	if (pf->in_fd >= 0)
-		close(pf->in_fd);
-	if (pf->timer_fd >= 0)
-		close(pf->timer_fd);
-	free(pf->control);
-	free(pf->outfile);
-	free(pf->infile);
-	free(pf);
+	pf_free(pf);
 	return err;
 }
 
