@@ -1244,8 +1244,9 @@ class Conversation:
         self._flush_appends(turn, final=True)
         self._send(link, self._dialect.commit())
         link.awaiting_commit.append(turn)
-        self._awaiting_answer.append(turn)
-        turn.state = "committed"
+        if turn.state != "answered":  # a re-transcription asks for no answer
+            self._awaiting_answer.append(turn)
+            turn.state = "committed"
         slot = turn.user_slot
         if slot is not None:
             slot.origin = link.conn_id
@@ -1260,17 +1261,7 @@ class Conversation:
         reply that was heard."""
         turns, self._retranscribe = self._retranscribe, []
         for turn in turns:
-            self._sync(link)
-            turn.link_id = link.conn_id
-            turn.expires_at = None
-            self._flush_appends(turn, final=True)
-            self._send(link, self._dialect.commit())
-            link.awaiting_commit.append(turn)
-            slot = turn.user_slot
-            if slot is not None:
-                slot.origin = link.conn_id
-                slot.session_id = link.session_id
-                slot.deadline = now + 2 * self._transcript_wait(turn)
+            self._commit(link, turn, now)
 
     def _flush_unsent(self, link: _Link, now: float) -> None:
         turns = list(self._unsent)
