@@ -10,13 +10,13 @@ import asyncio
 import os
 import time
 import wave
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import alsaaudio
 import numpy as np
 import pytest
+from aio import cancel_and_wait, until
 
 import hw.alsa_pcm
 from daemon.config import CaptureConfig, PlaybackConfig
@@ -39,12 +39,6 @@ def resample_poly(x: np.ndarray, up: int, down: int) -> np.ndarray:
     y = np.zeros(len(x) * up)
     y[::up] = x
     return np.convolve(y, h, mode="same")[::down]
-
-
-async def _until(cond: Callable[[], Any], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 def _test_signal(rate: int, seconds: float) -> np.ndarray:
@@ -74,10 +68,8 @@ async def _collect(cap: AlsaCapture, seconds: float) -> tuple[np.ndarray, list[f
         times.append(time.monotonic())
 
     task = asyncio.create_task(cap.run(sink))
-    await _until(lambda: len(chunks) * 0.02 >= seconds, timeout=seconds + 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await until(lambda: len(chunks) * 0.02 >= seconds, timeout=seconds + 5)
+    await cancel_and_wait(task)
     x = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float64) / 32768
     return x, times
 
@@ -116,10 +108,8 @@ async def test_file_speaker_gets_48k_stereo_of_the_stream(alsa_env: FakeAlsaEnv)
     task = asyncio.create_task(pb.run())
     pb.enqueue("r1", pcm.tobytes())
     pb.end_item("r1")
-    await _until(lambda: done)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await until(lambda: done)
+    await cancel_and_wait(task)
     assert done == [("r1", 12000)]
     out = np.fromfile(spk_file, dtype="<i2").reshape(-1, 2)
     # every input sample became two frames, plus the resampler's tail (< 2 ms)
@@ -138,12 +128,10 @@ async def test_stop_accounting_matches_speaker_within_a_period(alsa_env: FakeAls
     task = asyncio.create_task(pb.run())
     pb.enqueue("r1", (_test_signal(24000, 2.0) * 32767).astype("<i2").tobytes())
     pb.end_item("r1")
-    await _until(lambda: pb.played_samples("r1") > 9000)
+    await until(lambda: pb.played_samples("r1") > 9000)
     item, n = pb.stop(fade=fade)
     await asyncio.sleep(0.2)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     heard = os.path.getsize(dev.out_path) // 4 / 2  # 48 kHz frames -> 24 kHz samples
     assert item == "r1"
     assert abs(heard - n) <= 480, (heard, n)  # one 20 ms period
@@ -163,9 +151,7 @@ async def test_short_sounds_after_idle_are_not_stalls(alsa_env: FakeAlsaEnv) -> 
         pb.play_tone(tone.tobytes())
         await asyncio.sleep(1.2)  # the tone plays out (150 ms), then idle > stall_reopen_s
     st = pb.stats
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     assert (st.stalls, st.reopens, st.underruns) == (0, 0, 0), st
     assert st.state == "running" and st.last_error == ""
     # the file holds only what the pointer passed: both whole tones (2 x 7200 frames at
@@ -205,7 +191,7 @@ async def test_stop_without_fade_leaves_a_healthy_idle_stream(alsa_env: FakeAlsa
     task = asyncio.create_task(pb.run())
     pb.enqueue("r1", (_test_signal(24000, 2.0) * 32767).astype("<i2").tobytes())
     pb.end_item("r1")
-    await _until(lambda: pb.played_samples("r1") > 4800)
+    await until(lambda: pb.played_samples("r1") > 4800)
     item, n = pb.stop(fade=False)
     await asyncio.sleep(0.1)
     assert pb.stop(fade=True) == (None, 0)  # a stop while idle: drop() again, nothing to fade
@@ -213,11 +199,9 @@ async def test_stop_without_fade_leaves_a_healthy_idle_stream(alsa_env: FakeAlsa
     size = os.path.getsize(dev.out_path)
     pb.enqueue("r2", (_test_signal(24000, 0.3) * 32767).astype("<i2").tobytes())
     pb.end_item("r2")
-    await _until(lambda: done, timeout=3)
+    await until(lambda: done, timeout=3)
     st = pb.stats
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     assert item == "r1" and 4800 < n < 48000
     assert done == [("r2", 7200)]
     assert (st.stalls, st.reopens) == (0, 0), st
@@ -232,18 +216,16 @@ async def test_stalled_playback_still_detected_and_recovers(alsa_env: FakeAlsaEn
     task = asyncio.create_task(pb.run())
     pb.enqueue("r1", (_test_signal(24000, 3.0) * 32767).astype("<i2").tobytes())
     pb.end_item("r1")
-    await _until(lambda: pb.played_samples("r1") > 4800)
+    await until(lambda: pb.played_samples("r1") > 4800)
     dev.stall()
-    await _until(lambda: pb.stats.state == "stalled")
+    await until(lambda: pb.stats.state == "stalled")
     heard = pb.played_samples("r1")
     await asyncio.sleep(0.3)
     assert pb.played_samples("r1") == heard and pb.stats.stalls == 1
     dev.restore()
-    await _until(lambda: pb.stats.state == "running" and pb.played_samples("r1") > heard)
+    await until(lambda: pb.stats.state == "running" and pb.played_samples("r1") > heard)
     assert pb.stats.stalls == 1 and pb.stats.reopens == 0
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 async def test_capture_overrun_counted_and_stream_continues(alsa_env: FakeAlsaEnv,
@@ -252,15 +234,13 @@ async def test_capture_overrun_counted_and_stream_continues(alsa_env: FakeAlsaEn
     cap = AlsaCapture(CaptureConfig(device="mic"), 20)
     chunks: list[bytes] = []
     task = asyncio.create_task(cap.run(chunks.append))
-    await _until(lambda: len(chunks) >= 5)
+    await until(lambda: len(chunks) >= 5)
     dev.xrun()
-    await _until(lambda: cap.stats.overruns == 1)
+    await until(lambda: cap.stats.overruns == 1)
     n = len(chunks)
-    await _until(lambda: len(chunks) >= n + 10)
+    await until(lambda: len(chunks) >= n + 10)
     assert cap.stats.state == "running" and cap.stats.reopens == 0
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 async def test_playback_underrun_counted_and_item_completes(alsa_env: FakeAlsaEnv) -> None:
@@ -271,13 +251,11 @@ async def test_playback_underrun_counted_and_item_completes(alsa_env: FakeAlsaEn
     task = asyncio.create_task(pb.run())
     pb.enqueue("r1", (_test_signal(24000, 1.0) * 32767).astype("<i2").tobytes())
     pb.end_item("r1")
-    await _until(lambda: pb.played_samples("r1") > 4800)
+    await until(lambda: pb.played_samples("r1") > 4800)
     dev.xrun()
-    await _until(lambda: done, timeout=5)
+    await until(lambda: done, timeout=5)
     assert pb.stats.underruns == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 async def test_vanished_capture_device_reopened_with_backoff(alsa_env: FakeAlsaEnv) -> None:
@@ -286,23 +264,21 @@ async def test_vanished_capture_device_reopened_with_backoff(alsa_env: FakeAlsaE
                       backoff_max_s=0.4)
     chunks: list[bytes] = []
     task = asyncio.create_task(cap.run(chunks.append))
-    await _until(lambda: len(chunks) >= 5)
+    await until(lambda: len(chunks) >= 5)
     dev.vanish()
-    await _until(lambda: "vanished" in cap.stats.last_error)
+    await until(lambda: "vanished" in cap.stats.last_error)
     state = cap.stats.state  # read into a variable: mypy would narrow cap.stats.state
     assert state == "reopening"
-    await _until(lambda: "is not present" in cap.stats.last_error)
+    await until(lambda: "is not present" in cap.stats.last_error)
     await asyncio.sleep(1.0)  # several failed opens: 0.05, 0.1, 0.2, 0.4, 0.4 s apart
     state = cap.stats.state
     assert state == "failed"
     n = len(chunks)
     dev.restore()
-    await _until(lambda: cap.stats.reopens == 1 and len(chunks) >= n + 10)
+    await until(lambda: cap.stats.reopens == 1 and len(chunks) >= n + 10)
     state = cap.stats.state
     assert state == "running"
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 async def test_vanished_playback_device_reopened_and_playing(alsa_env: FakeAlsaEnv) -> None:
@@ -313,16 +289,14 @@ async def test_vanished_playback_device_reopened_and_playing(alsa_env: FakeAlsaE
     task = asyncio.create_task(pb.run())
     pb.enqueue("r1", (_test_signal(24000, 1.5) * 32767).astype("<i2").tobytes())
     pb.end_item("r1")
-    await _until(lambda: pb.played_samples("r1") > 4800)
+    await until(lambda: pb.played_samples("r1") > 4800)
     dev.vanish()
-    await _until(lambda: pb.stats.state in ("reopening", "failed"))
+    await until(lambda: pb.stats.state in ("reopening", "failed"))
     dev.restore()
-    await _until(lambda: done, timeout=6)
+    await until(lambda: done, timeout=6)
     assert pb.stats.reopens == 1
     assert 4800 < done[0][1] <= 36000  # what was lost in the vanished buffer is not counted
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 async def test_stalled_capture_reported_and_loop_stays_live(alsa_env: FakeAlsaEnv) -> None:
@@ -331,7 +305,7 @@ async def test_stalled_capture_reported_and_loop_stays_live(alsa_env: FakeAlsaEn
                       stall_reopen_s=10.0)
     chunks: list[bytes] = []
     task = asyncio.create_task(cap.run(chunks.append))
-    await _until(lambda: len(chunks) >= 5)
+    await until(lambda: len(chunks) >= 5)
     lags: list[float] = []
 
     async def ticker() -> None:
@@ -342,7 +316,7 @@ async def test_stalled_capture_reported_and_loop_stays_live(alsa_env: FakeAlsaEn
 
     tick = asyncio.create_task(ticker())
     dev.stall()
-    await _until(lambda: cap.stats.state == "stalled")
+    await until(lambda: cap.stats.state == "stalled")
     progress = cap.stats.last_progress
     n = len(chunks)
     await asyncio.sleep(0.3)
@@ -350,11 +324,9 @@ async def test_stalled_capture_reported_and_loop_stays_live(alsa_env: FakeAlsaEn
     assert cap.stats.stalls == 1
     assert max(lags) < 0.1  # the reader never blocked the loop
     dev.restore()
-    await _until(lambda: cap.stats.state == "running" and len(chunks) > n + 5)
+    await until(lambda: cap.stats.state == "running" and len(chunks) > n + 5)
     tick.cancel()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 async def test_stalled_fifo_mic_does_not_hang_cancellation(alsa_env: FakeAlsaEnv,
@@ -369,13 +341,11 @@ async def test_stalled_fifo_mic_does_not_hang_cancellation(alsa_env: FakeAlsaEnv
     cap = AlsaCapture(CaptureConfig(device=mic), 20, stall_timeout_s=0.2, join_timeout_s=0.5)
     chunks: list[bytes] = []
     task = asyncio.create_task(cap.run(chunks.append))
-    await _until(lambda: len(chunks) >= 5)
+    await until(lambda: len(chunks) >= 5)
     alsa_env.feeder(mic).paused.set()  # reads now block inside alsa-lib
-    await _until(lambda: cap.stats.state == "stalled")
+    await until(lambda: cap.stats.state == "stalled")
     t = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     assert time.monotonic() - t < 2.0
     alsa_env.feeder(mic).paused.clear()
 
@@ -388,10 +358,8 @@ async def test_busy_device_message_names_device(alsa_env: FakeAlsaEnv) -> None:
                  period_frames=960, buffer_frames=7680)
     cap = AlsaCapture(CaptureConfig(device="mic"), 20, backoff_initial_s=0.05)
     task = asyncio.create_task(cap.run(lambda _c: None))
-    await _until(lambda: "busy" in cap.stats.last_error)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await until(lambda: "busy" in cap.stats.last_error)
+    await cancel_and_wait(task)
 
 
 def test_unknown_device_and_wrong_format_messages(alsa_env: FakeAlsaEnv) -> None:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from aio import cancel_and_wait, until
 
 from daemon.config import CaptureConfig, PlaybackConfig
 from hw.alsa_capture import AlsaCapture
@@ -55,12 +54,6 @@ def playback(request: pytest.FixtureRequest) -> AudioPlayback:
     return AlsaPlayback(PlaybackConfig(device="spk", preroll_ms=80, fade_ms=8))
 
 
-async def _until(cond: Callable[[], Any], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
-
-
 async def test_capture_delivers_fixed_chunks_on_the_loop(capture: AudioCapture) -> None:
     loop_thread = threading.get_ident()
     chunks: list[bytes] = []
@@ -72,13 +65,11 @@ async def test_capture_delivers_fixed_chunks_on_the_loop(capture: AudioCapture) 
 
     assert isinstance(capture, AudioCapture)
     task = asyncio.create_task(capture.run(sink))
-    await _until(lambda: len(chunks) >= 10)
+    await until(lambda: len(chunks) >= 10)
     assert capture.stats.state == "running"
     progress = capture.stats.last_progress
-    await _until(lambda: capture.stats.last_progress > progress)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await until(lambda: capture.stats.last_progress > progress)
+    await cancel_and_wait(task)
     assert threads == {loop_thread}
     assert {len(c) for c in chunks} == {capture.chunk_bytes} == {960}
     final: str = capture.stats.state  # re-read after the task ended (no narrowing)
@@ -105,15 +96,13 @@ async def test_playback_item_done_with_full_count(playback: AudioPlayback) -> No
         playback.end_item("a")
         playback.enqueue("b", sine24k(0.2))
         playback.end_item("b")
-        await _until(lambda: len(done) == 2)
+        await until(lambda: len(done) == 2)
         assert done == [("a", 9600), ("b", 4800)]
         assert playback.played_samples("a") == 9600
         assert playback.played_samples("unknown") == 0
         assert playback.stop() == (None, 0)
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 async def test_playback_preroll_holds_back_short_unended_item(playback: AudioPlayback) -> None:
@@ -123,11 +112,9 @@ async def test_playback_preroll_holds_back_short_unended_item(playback: AudioPla
         await asyncio.sleep(0.3)
         assert playback.played_samples("a") == 0
         playback.enqueue("a", sine24k(0.06))  # now 100 ms queued: starts
-        await _until(lambda: playback.played_samples("a") > 0)
+        await until(lambda: playback.played_samples("a") > 0)
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 async def test_playback_stop_reports_heard_samples(playback: AudioPlayback) -> None:
@@ -137,7 +124,7 @@ async def test_playback_stop_reports_heard_samples(playback: AudioPlayback) -> N
     try:
         playback.enqueue("a", sine24k(2.0))
         playback.end_item("a")
-        await _until(lambda: playback.played_samples("a") >= 7200)  # 0.3 s heard
+        await until(lambda: playback.played_samples("a") >= 7200)  # 0.3 s heard
         item, n = playback.stop(fade=True)
         assert item == "a"
         assert 7200 <= n < 48000
@@ -147,9 +134,7 @@ async def test_playback_stop_reports_heard_samples(playback: AudioPlayback) -> N
         assert done == []  # an interrupted item never reports done
         assert playback.stats.queued_samples == 0
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 @pytest.mark.parametrize("fade", [False, True])
@@ -165,18 +150,16 @@ async def test_playback_pauses_and_stops_are_not_faults(playback: AudioPlayback,
         await asyncio.sleep(0.8)
         playback.enqueue("a", sine24k(2.0))
         playback.end_item("a")
-        await _until(lambda: playback.played_samples("a") >= 4800)
+        await until(lambda: playback.played_samples("a") >= 4800)
         item, _n = playback.stop(fade=fade)
         assert item == "a"
         await asyncio.sleep(2.5)  # longer than the backends' stall/reopen timeouts
         playback.enqueue("b", sine24k(0.2))
         playback.end_item("b")
-        await _until(lambda: done, timeout=2.0)
+        await until(lambda: done, timeout=2.0)
         assert done == [("b", 4800)]
         st = playback.stats
         assert (st.stalls, st.reopens, st.underruns) == (0, 0, 0), st
         assert st.state == "running" and st.last_error == ""
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)

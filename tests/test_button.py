@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aio import cancel_and_wait
 from gpiozero.pins.mock import MockFactory, MockPin
 
 import hw.button as button_mod
@@ -218,9 +219,7 @@ async def scenario(
         assert ats == sorted(ats)
         assert all(abs(e.at - time.monotonic()) < 30 for e in rec.events), "monotonic clock"
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
     assert not rig.button.healthy()
     return rec
 
@@ -285,9 +284,7 @@ def test_stuck_button_ends_turn_and_its_release_is_swallowed(
             await eventually(lambda: len(rec.events) >= 4)
             await asyncio.sleep(0.2)
         finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         return rec
 
     rec = asyncio.run(run())
@@ -309,16 +306,12 @@ def test_health_probe_and_lifecycle(backend: str, pty_pair: tuple[int, int]) -> 
         assert rig.button.healthy()
         with pytest.raises(RuntimeError, match="already running"):
             await rig.button.run(lambda e: None)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         assert not rig.button.healthy()
         # a second run() after the first ended works (resource was released)
         task = asyncio.create_task(rig.button.run(lambda e: None))
         await eventually(rig.button.healthy)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     asyncio.run(run())
 
@@ -433,9 +426,7 @@ def test_button_held_at_start_is_ignored_until_released(pull_up: bool) -> None:
             await eventually(lambda: len(rec.events) >= 2)
             await asyncio.sleep(0.1)
         finally:
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         return rec.kinds
 
     assert asyncio.run(run()) == ["press", "release"]
@@ -458,9 +449,7 @@ def test_mock_button_press_release_respect_pull_down(pty_pair: tuple[int, int]) 
         button.release()
         assert not pin.state
         await eventually(lambda: len(rec.events) >= 2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         return rec
 
     rec = asyncio.run(run())
@@ -512,9 +501,7 @@ def test_keyboard_restores_the_terminal_on_cancel(pty_pair: tuple[int, int]) -> 
         during = termios.tcgetattr(slave)
         os.write(master, b" ")  # in the middle of a press
         await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         return during
 
     during = asyncio.run(run())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aio import cancel_and_wait
 
 from daemon.control import ControlServer, default_socket_path, request
 from daemon.errors import ParleyError
@@ -49,9 +50,7 @@ async def test_commands_permissions_and_errors(tmp_path: Path) -> None:
         assert bad_json == {"ok": False, "error": "request is not JSON"}
         assert calls == [("press", {}), ("history", {"n": 0})]
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
     assert not path.exists()
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aio import cancel_and_wait
 
 from daemon import sdnotify
 from daemon.sdnotify import Heartbeat, Notifier, Watchdog, watchdog_interval
@@ -342,9 +343,7 @@ def test_blocked_loop_stops_pings() -> None:
         for _ in range(200_000):
             pass
         ticks.append(pings.count)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     asyncio.run(main())
     assert ticks == [1, 1]

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from aio import cancel_and_wait
 
 from daemon.errors import ConfigError, ParleyError, ToolError
 from daemon.tools import (
@@ -280,9 +281,7 @@ def test_cancellation_propagates() -> None:
         reg.register(echo_spec("slow", handler=slow, schema=OBJ))
         task = asyncio.create_task(reg.run("slow", "{}"))
         await started.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     run(main())
 
