@@ -1,7 +1,7 @@
 """Hardware-in-the-loop tests: real pyalsaaudio + alsa-lib against fake devices.
 
 FIFO-fed ``type file`` mic, ``type file`` speaker, and parley's ``parleyfault`` plugin
-for pacing and faults (tests/alsa_env.py). Assertions are on content and counters.
+for pacing and faults (hw/fake_alsa.py). Assertions are on content and counters.
 """
 
 from __future__ import annotations
