@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. ALSA: fake devices (tests/alsa_env.py) per test."""
+"""Shared pytest fixtures. ALSA: fake devices (hw/fake_alsa.py) per test."""
 
 from __future__ import annotations
 
